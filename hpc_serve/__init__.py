@@ -1,0 +1,19 @@
+"""hpc-serve: serve LLMs with vLLM on Slurm clusters, across nodes, with one command."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["HpcServeError", "plan", "render", "resolve", "__version__"]
+
+from .errors import HpcServeError
+
+
+def __getattr__(name: str) -> Any:
+    # The API is imported on first use, so `import hpc_serve` (and the node agent) stays light.
+    if name in ("plan", "render", "resolve"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'hpc_serve' has no attribute {name!r}")

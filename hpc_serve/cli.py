@@ -1,0 +1,245 @@
+"""The `hpc-serve` command: thin argparse adapters over the Python API.
+
+One place (``main``) turns HpcServeError into a short message and exit code 2; ``--debug``
+(or HPC_SERVE_DEBUG=1) shows the traceback instead. Everything after ``--`` goes to vLLM.
+argparse keeps start-up fast: `--help` and `render` stay well under 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .errors import HpcServeError, NotBuiltYet
+
+Handler = Callable[[argparse.Namespace, list[str]], int]
+
+# (flags, dest, kind, help) for every spec option shared by submit, render and plan.
+_SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
+    "layout": [
+        (("--model",), "model_opt", "str", "model name or path (or the MODEL argument)"),
+        (("--nodes",), "nodes", "int", "nodes to allocate (derived when missing)"),
+        (("--gpus-per-node",), "gpus_per_node", "int", "GPUs per node (flag > profile > sinfo > 8)"),
+        (("--tp",), "tp", "int", "tensor-parallel size, inside a node (default: a whole node)"),
+        (("--pp",), "pp", "int", "pipeline-parallel size, across nodes (default 1)"),
+        (("--dp",), "dp", "int", "data-parallel replicas (derived when missing)"),
+        (("--ep",), "ep", "bool", "expert parallelism for MoE models (ep = dp*tp)"),
+        (("--launcher",), "launcher", "str", "ray, mp, or auto (default: Ray across nodes, mp on one)"),
+        (("--cross-node-tp",), "cross_node_tp", "bool", "allow TP across nodes (slow; warns)"),
+        (("--all2all-backend",), "all2all_backend", "str", "MoE all2all backend with --ep "
+         "(default allgather_reducescatter)"),
+    ],
+    "resources": [
+        (("--partition", "-p"), "partition", "str", "Slurm partition"),
+        (("--account", "-A"), "account", "str", "Slurm account"),
+        (("--qos",), "qos", "str", "Slurm QOS"),
+        (("--time", "-t"), "time", "str", "time limit, e.g. 04:00:00 or 1-00:00:00"),
+        (("--constraint", "-C"), "constraint", "str", "Slurm node features, e.g. a100"),
+        (("--exclusive",), "exclusive", "bool", "whole nodes only"),
+        (("--cpus-per-node",), "cpus_per_node", "int", "CPUs per node"),
+        (("--mem",), "mem", "str", "memory per node, e.g. 256G (0 = all)"),
+        (("--name",), "name", "str", "job name (default hpc-serve)"),
+    ],
+    "node setup": [
+        (("--setup",), "setup", "list", "shell line run before the agent (repeatable), "
+         "e.g. 'module load cuda'"),
+        (("--env",), "env", "list", "KEY=VALUE for the job (repeatable; never secrets)"),
+        (("--container",), "container", "str", "Apptainer .sif file, or Enroot/Pyxis image"),
+        (("--engine-cmd",), "engine_cmd", "str", "engine command (default 'vllm serve')"),
+        (("--port",), "port", "int", "API port (default: derived from the job id)"),
+        (("--executor",), "executor", "str", "slurm (default) or local"),
+        (("--profile",), "profile", "str", "named profile from your config"),
+    ],
+}
+_SPEC_DESTS = {dest for group in _SPEC_OPTIONS.values() for _, dest, _, _ in group}
+
+
+def _add_spec_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL", help="model name or path")
+    for title, options in _SPEC_OPTIONS.items():
+        group = parser.add_argument_group(title)
+        for flags, dest, kind, help_text in options:
+            if kind == "bool":
+                group.add_argument(*flags, dest=dest, action="store_const", const=True, help=help_text)
+            elif kind == "list":
+                group.add_argument(*flags, dest=dest, action="append", metavar="VALUE", help=help_text)
+            else:
+                group.add_argument(*flags, dest=dest, type=int if kind == "int" else str,
+                                   metavar=dest.split("_")[0].upper(), help=help_text)
+
+
+def _spec_options(ns: argparse.Namespace, vllm_args: list[str]) -> tuple[dict[str, Any], str | None]:
+    """(options for the API, profile) from parsed arguments."""
+    options = {dest: getattr(ns, dest) for dest in _SPEC_DESTS}
+    profile = options.pop("profile")
+    flag_model, positional = options.pop("model_opt"), ns.model
+    if positional is not None and flag_model not in (None, positional):
+        raise HpcServeError(f"Two models given: {positional!r} and --model {flag_model!r}.",
+                            "Give the model once.")
+    options["model"] = positional or flag_model
+    options["vllm_args"] = vllm_args or None
+    return options, profile
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _warn(messages: tuple[str, ...]) -> None:
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def _command_line(argv: list[str], vllm_args: list[str]) -> str:
+    words = ["hpc-serve", *argv] + (["--", *vllm_args] if vllm_args else [])
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .api import resolve
+    from .render import render_script
+
+    options, profile = _spec_options(ns, vllm_args)
+    spec, settings = resolve(profile=profile, **options)
+    _warn(spec.warnings)
+    script = render_script(spec, settings.sources, command=_command_line(ns.argv, vllm_args))
+    if ns.output is None:
+        sys.stdout.write(script)
+        return 0
+    try:
+        Path(ns.output).write_text(script)
+    except OSError as exc:
+        raise HpcServeError(f"Cannot write {ns.output}: {exc.strerror}.", "Choose a writable path.") from None
+    print(f"wrote {ns.output}  (submit it with: sbatch {shlex.quote(ns.output)})", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .api import resolve
+    from .plan import make_plan
+
+    options, profile = _spec_options(ns, vllm_args)
+    spec, settings = resolve(profile=profile, **options)
+    launch = make_plan(spec)
+    if ns.json:
+        print(json.dumps({**launch.to_dict(), "sources": settings.sources}, indent=2))
+        return 0
+    from .plan_view import show_plan
+
+    show_plan(launch, settings.sources, _console())
+    _warn(spec.warnings)
+    return 0
+
+
+def cmd_config_show(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from rich.table import Table
+
+    from .settings import resolve_settings
+    from .slurm import partition_gpus_per_node
+
+    settings = resolve_settings({}, profile=ns.profile, gpus_probe=partition_gpus_per_node)
+    table = Table(title=f"hpc-serve configuration (profile: {settings.profile or 'none'})")
+    for column in ("key", "value") + (("from",) if ns.sources else ()):
+        table.add_column(column)
+    for key in sorted(settings.values):
+        row = [key, repr(settings.values[key])]
+        table.add_row(*(row + [settings.sources[key]] if ns.sources else row))
+    _console().print(table)
+    return 0
+
+
+def _not_built(command: str) -> Handler:
+    def handler(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+        raise NotBuiltYet(command)
+
+    return handler
+
+
+# Commands that later releases fill in: they exist so that scripts see the contract, and say so.
+_LATER = {
+    "submit": "submit a deployment and wait until it serves",
+    "status": "show deployments and their phase",
+    "list": "list deployments",
+    "logs": "show a deployment's logs",
+    "wait": "wait until a deployment is ready",
+    "cancel": "stop a deployment",
+    "endpoint": "print a deployment's endpoint",
+    "tunnel": "open an SSH tunnel to a deployment",
+    "smoke": "check that an endpoint serves the OpenAI API",
+    "demo": "serve a tiny model on a throwaway local Slurm cluster",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hpc-serve",
+        description="Serve LLMs with vLLM on Slurm: TP inside nodes, PP/DP across them, one command. "
+                    "Arguments after -- go to vLLM.",
+    )
+    parser.add_argument("--version", action="version", version=f"hpc-serve {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    render = commands.add_parser("render", help="print the sbatch script for a deployment")
+    _add_spec_options(render)
+    render.add_argument("--output", "-o", metavar="FILE", help="write the script to FILE")
+    render.set_defaults(handler=cmd_render)
+
+    plan = commands.add_parser("plan", help="show the layout, roles and exact commands per node")
+    _add_spec_options(plan)
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(handler=cmd_plan)
+
+    config = commands.add_parser("config", help="inspect the layered configuration")
+    config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)
+    show = config_commands.add_parser("show", help="show the resolved configuration")
+    show.add_argument("--sources", action="store_true", help="say where each value came from")
+    show.add_argument("--profile", help="named profile")
+    show.set_defaults(handler=cmd_config_show)
+
+    for name, help_text in _LATER.items():
+        later = commands.add_parser(name, help=f"[not built yet] {help_text}", add_help=False)
+        later.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        later.set_defaults(handler=_not_built(name))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: split off `-- VLLM_ARGS`, run the command, map errors to exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    vllm_args: list[str] = []
+    if "--" in args:
+        cut = args.index("--")
+        args, vllm_args = args[:cut], args[cut + 1:]
+    debug = "--debug" in args or os.environ.get("HPC_SERVE_DEBUG") == "1"
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(args)
+    except SystemExit as exc:  # --help, --version, or a usage error (argparse says why)
+        return int(exc.code or 0)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    ns.argv = [a for a in args if a != "--debug"]
+    try:
+        return ns.handler(ns, vllm_args)
+    except HpcServeError as exc:
+        if debug:
+            raise
+        print(f"error: {exc.problem}", file=sys.stderr)
+        if exc.hint:
+            print(exc.hint, file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

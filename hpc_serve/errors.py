@@ -1,0 +1,27 @@
+"""The one error type users see: what is wrong, and how to fix it."""
+
+from __future__ import annotations
+
+
+class HpcServeError(Exception):
+    """A user-facing error: a one-line problem and an optional one-line fix.
+
+    The CLI prints ``problem`` and ``hint`` and exits with code 2; the Python API raises it.
+    """
+
+    exit_code = 2
+
+    def __init__(self, problem: str, hint: str | None = None) -> None:
+        super().__init__(problem if not hint else f"{problem}\n{hint}")
+        self.problem = problem
+        self.hint = hint
+
+
+class NotBuiltYet(HpcServeError):
+    """A command that a later release fills in; says so plainly instead of pretending."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(
+            f"'hpc-serve {command}' is not built yet in this version.",
+            "Use 'hpc-serve render' to get an sbatch script, or 'hpc-serve plan' to see the layout.",
+        )

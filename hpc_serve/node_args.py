@@ -1,0 +1,58 @@
+"""The node agent's command line: written by the templates, parsed by `python -m hpc_serve.node`.
+
+Stdlib only: this runs inside the allocation, where the CLI's dependencies may be missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+from typing import Any
+
+from .spec import DeploymentSpec
+
+
+def to_node_args(spec: DeploymentSpec) -> list[str]:
+    """Everything the node side needs of the spec (the model comes separately, as $MODEL)."""
+    lay = spec.layout
+    args = ["--nodes", str(lay.nodes), "--gpus-per-node", str(lay.gpus_per_node),
+            "--tp", str(lay.tp), "--pp", str(lay.pp), "--dp", str(lay.dp),
+            "--launcher", lay.launcher]
+    args += ["--ep"] * lay.ep + ["--cross-node-tp"] * lay.cross_node_tp
+    if lay.ep:
+        args += ["--all2all-backend", spec.all2all_backend]
+    if spec.engine_cmd != "vllm serve":
+        args += ["--engine-cmd", spec.engine_cmd]
+    if spec.port is not None:
+        args += ["--port", str(spec.port)]
+    if spec.vllm_args:
+        args += ["--", *spec.vllm_args]
+    return args
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hpc_serve.node",
+                                description="hpc-serve node agent: runs once per node of a job.")
+    p.add_argument("--model", required=True)
+    for name in ("--nodes", "--gpus-per-node", "--tp", "--pp", "--dp", "--port"):
+        p.add_argument(name, type=int)
+    p.add_argument("--launcher", default="auto")
+    p.add_argument("--ep", action="store_true")
+    p.add_argument("--cross-node-tp", action="store_true")
+    p.add_argument("--all2all-backend", default="allgather_reducescatter")
+    p.add_argument("--engine-cmd", default="vllm serve")
+    p.add_argument("vllm_args", nargs="*")
+    return p
+
+
+def parse_node_args(argv: list[str]) -> dict[str, Any]:
+    """Keyword arguments for build_spec from the node agent's argv."""
+    ns = parser().parse_args(argv)
+    values = vars(ns)
+    values["vllm_args"] = tuple(values["vllm_args"])
+    return values
+
+
+def node_command(spec: DeploymentSpec) -> str:
+    """The shell words after `python -m hpc_serve.node --model "$MODEL"`, quoted."""
+    return " ".join(shlex.quote(arg) for arg in to_node_args(spec))
