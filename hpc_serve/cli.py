@@ -8,11 +8,8 @@ argparse keeps start-up fast: `--help` and `render` stay well under 0.2 s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shlex
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
@@ -99,6 +96,8 @@ def _warn(messages: tuple[str, ...]) -> None:
 
 
 def _command_line(argv: list[str], vllm_args: list[str]) -> str:
+    import shlex
+
     words = ["hpc-serve", *argv] + (["--", *vllm_args] if vllm_args else [])
     return " ".join(shlex.quote(word) for word in words)
 
@@ -114,6 +113,9 @@ def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     if ns.output is None:
         sys.stdout.write(script)
         return 0
+    import shlex
+    from pathlib import Path
+
     try:
         Path(ns.output).write_text(script)
     except OSError as exc:
@@ -130,6 +132,8 @@ def cmd_plan(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     spec, settings = resolve(profile=profile, **options)
     launch = make_plan(spec)
     if ns.json:
+        import json
+
         print(json.dumps({**launch.to_dict(), "sources": settings.sources}, indent=2))
         return 0
     from .plan_view import show_plan

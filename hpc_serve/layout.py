@@ -63,15 +63,12 @@ class Layout:
 
     def node_slots(self, rank: int) -> NodeSlots:
         """The GPUs, PP stages and DP ranks of node ``rank``."""
-        stages: set[int] = set()
-        replicas: set[int] = set()
-        for local in range(self.gpus_per_node):
-            index = rank * self.gpus_per_node + local
-            replicas.add(index // self.replica_gpus)
-            stages.add((index % self.replica_gpus) // self.tp)
-        return NodeSlots(
-            rank, tuple(range(self.gpus_per_node)), tuple(sorted(stages)), tuple(sorted(replicas))
-        )
+        g, tp = self.gpus_per_node, self.tp
+        start, end, replica = rank * g, (rank + 1) * g, tp * self.pp
+        # A TP group never straddles a node boundary (or fills whole nodes), so one GPU per group will do.
+        stages = sorted({(index % replica) // tp for index in range(start, end, tp)})
+        dp_ranks = range(start // replica, (end - 1) // replica + 1)
+        return NodeSlots(rank, tuple(range(g)), tuple(stages), tuple(dp_ranks))
 
 
 def _check_size(name: str, value: int | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
 
 from .errors import HpcServeError
 
@@ -19,11 +19,12 @@ def _has_experts(config: dict) -> bool:
 
 def check_moe(model: str) -> None:
     """Refuse --ep for a local model whose config.json has no experts; hub names pass unchecked."""
-    config_path = Path(model).expanduser() / "config.json"
-    if not config_path.is_file():
+    config_path = os.path.join(os.path.expanduser(model), "config.json")
+    if not os.path.isfile(config_path):
         return
     try:
-        config = json.loads(config_path.read_text())
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
     except (OSError, ValueError) as exc:
         raise HpcServeError(f"Cannot read {config_path}: {exc}.",
                             "Check that the model folder is complete.") from None

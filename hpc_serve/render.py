@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from functools import lru_cache
-from pathlib import Path
 
 from . import __version__
 from .errors import HpcServeError
 from .node_args import node_command
 from .spec import DeploymentSpec
 
-_PACKAGE = Path(__file__).resolve().parent
+_PACKAGE = os.path.dirname(os.path.realpath(__file__))
 #: Where the node agent's package is bound inside a container.
 CONTAINER_PKG = "/opt/hpc-serve-pkg"
 
 
-def templates_dir() -> Path:
+def templates_dir() -> str:
     """The templates shipped in the wheel, or the repository's top-level templates/."""
-    for candidate in (_PACKAGE / "templates", _PACKAGE.parent / "templates"):
-        if (candidate / "job.sbatch.j2").is_file():
+    for candidate in (os.path.join(_PACKAGE, "templates"),
+                      os.path.join(os.path.dirname(_PACKAGE), "templates")):
+        if os.path.isfile(os.path.join(candidate, "job.sbatch.j2")):
             return candidate
     raise HpcServeError("hpc-serve's templates are missing from the installation.",
                         "Reinstall hpc-serve (pip install --force-reinstall hpc-serve).")
@@ -35,17 +36,15 @@ def _directive(value: object) -> str:
 
 def _bytecode_cache():
     """Compiled templates cached per user: rendering then skips Jinja's compiler (~50 ms)."""
-    import os
-
     import jinja2
 
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    folder = base / "hpc-serve" / f"jinja-{__version__}"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "hpc-serve", f"jinja-{__version__}")
     try:
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError:
         return None  # read-only home: render uncached
-    return jinja2.FileSystemBytecodeCache(str(folder))
+    return jinja2.FileSystemBytecodeCache(folder)
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +52,7 @@ def _environment():
     import jinja2
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(templates_dir())),
+        loader=jinja2.FileSystemLoader(templates_dir()),
         bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -85,7 +84,7 @@ def render_script(spec: DeploymentSpec, sources: dict[str, str] | None = None,
         node_command=node_command(spec),
         container_kind=container_kind,
         container_pkg=CONTAINER_PKG,
-        package_parent=str(_PACKAGE.parent),
+        package_parent=os.path.dirname(_PACKAGE),
         gpus_source=(sources or {}).get("gpus_per_node", "given"),
         command=command,
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from .errors import HpcServeError
@@ -37,24 +36,26 @@ class Settings:
     profile: str | None = None
 
 
-def site_config_path() -> Path:
-    return Path(os.environ.get("HPC_SERVE_SITE_CONFIG", "/etc/hpc-serve/config.toml"))
+def site_config_path() -> str:
+    return os.environ.get("HPC_SERVE_SITE_CONFIG", "/etc/hpc-serve/config.toml")
 
 
-def user_config_path() -> Path:
+def user_config_path() -> str:
     if "HPC_SERVE_CONFIG" in os.environ:
-        return Path(os.environ["HPC_SERVE_CONFIG"])
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "hpc-serve" / "config.toml"
+        return os.environ["HPC_SERVE_CONFIG"]
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(base, "hpc-serve", "config.toml")
 
 
-def _load_toml(path: Path) -> dict[str, Any]:
+def _load_toml(path: str) -> dict[str, Any]:
+    if not os.path.exists(path):
+        return {}
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
     try:
-        with path.open("rb") as handle:
+        with open(path, "rb") as handle:
             return tomllib.load(handle)
     except FileNotFoundError:
         return {}
@@ -94,7 +95,7 @@ def _check_keys(table: dict[str, Any], where: str) -> dict[str, Any]:
     return {key: _check_value(key, value, where) for key, value in table.items()}
 
 
-def _file_layers(path: Path, label: str, profile: str | None) -> tuple[list, set[str]]:
+def _file_layers(path: str, label: str, profile: str | None) -> tuple[list, set[str]]:
     """(layers, profile names) of one config file: its top level, then the chosen profile."""
     data = _load_toml(path)
     profiles = data.pop("profiles", {}) or {}

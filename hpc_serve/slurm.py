@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import re
-import shutil
-import subprocess
 
 _GPU_GRES = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")
 
@@ -15,10 +14,21 @@ def parse_gres_gpus(text: str) -> int | None:
     return max(counts) if counts else None
 
 
+def which(command: str) -> str | None:
+    """The path of ``command`` on PATH, or None (shutil.which without shutil's import cost)."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = os.path.join(folder, command)
+        if folder and os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
+
+
 def partition_gpus_per_node(partition: str | None) -> tuple[int, str] | None:
     """(GPUs per node, source) as sinfo reports them, or None when sinfo is absent or silent."""
-    if shutil.which("sinfo") is None:
+    if which("sinfo") is None:
         return None
+    import subprocess
+
     argv = ["sinfo", "--noheader", "--format=%G"] + (["--partition", partition] if partition else [])
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=5, check=False)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
+import os
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from .errors import HpcServeError
 from .layout import Layout, resolve_layout
@@ -70,6 +69,8 @@ class DeploymentSpec:
         return data
 
     def to_json(self) -> str:
+        import json
+
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
 
@@ -127,7 +128,7 @@ def _check_container(image: str | None) -> None:
     if image is None:
         return
     looks_like_file = image.startswith(("/", "./", "../", "~")) or image.endswith((".sif", ".sqsh"))
-    if looks_like_file and not Path(image).expanduser().is_file():
+    if looks_like_file and not os.path.isfile(os.path.expanduser(image)):
         raise HpcServeError(
             f"Container image {image!r} does not exist.",
             "Give the path of an Apptainer .sif or Enroot .sqsh file, or a registry image "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .errors import HpcServeError
 from .layout import Layout
@@ -45,6 +46,11 @@ class Runtime:
     dp_rpc_port: str = "<dp-rpc-port>"
     ray_client_port: str = "<ray-client-port>"
     tmp_dir: str = "<job-tmp>"
+
+
+@lru_cache(maxsize=8)
+def _words(command: str) -> tuple[str, ...]:
+    return tuple(shlex.split(command))
 
 
 def _canonical(name: str) -> str:
@@ -122,7 +128,7 @@ def engine_argv(spec, rank: int, rt: Runtime) -> list[str] | None:  # spec: Depl
     lay: Layout = spec.layout
     if lay.launcher == "ray" and rank > 0:
         return None
-    argv = shlex.split(spec.engine_cmd)
+    argv = list(_words(spec.engine_cmd))
     argv += [spec.model] if argv[-1] == "serve" else ["--model", spec.model]
     headless = lay.launcher == "mp" and rank > 0
     if not headless:

@@ -1,0 +1,38 @@
+# Developer entry points. `make test` is what CI runs on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install test unit demo sbatch bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## test: install everything the tests need, then run every tier
+test: install
+	$(PY) -m pytest -q
+
+## unit: the fast tier only (no cluster, no vLLM)
+unit: install
+	$(PY) -m pytest -q tests/unit -m "not slow"
+
+## demo: show what `hpc-serve submit --nodes 2 --tp 8 --pp 2` would run
+demo: install
+	$(VENV)/bin/hpc-serve plan Qwen/Qwen2.5-7B-Instruct --nodes 2 --tp 8 --pp 2 --gpus-per-node 8
+	$(VENV)/bin/hpc-serve render Qwen/Qwen2.5-7B-Instruct --nodes 2 --tp 8 --pp 2 --gpus-per-node 8
+
+## sbatch: regenerate the ready-to-run scripts in sbatch/ from templates/
+sbatch: install
+	$(PY) sbatch/generate.py
+
+## bench: CLI and planning speed; writes benchmarks/results/
+bench: install
+	$(PY) benchmarks/cli_speed.py
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info

@@ -1,0 +1,114 @@
+"""Rendering: golden files, quoting, StrictUndefined, and sbatch/ kept in step with templates/."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_serve.errors import HpcServeError
+from hpc_serve.render import render_script, render_template
+from hpc_serve.spec import build_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def full_spec(tmp_path_factory=None, image="docker://vllm/vllm-openai:v0.32.0"):
+    return build_spec(
+        model="org/model with 'quote", gpus_per_node=4, nodes=2, tp=4, pp=2, partition="gpu",
+        account="proj-1", qos="high", time="1-00:00:00", constraint="a100&ib", exclusive=True,
+        cpus_per_node=64, mem="256G", name="my-job", env=["VLLM_LOGGING_LEVEL=DEBUG", "X=a b$c"],
+        setup=["module load cuda/12.4", "source /opt/venvs/vllm/bin/activate"], container=image,
+        vllm_args=["--max-model-len", "8192", "--override-generation-config", '{"temperature": 0}'],
+        port=8443,
+    )
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN") == "1":
+        path.write_text(text)
+    assert path.exists(), f"golden file {name} missing: run with UPDATE_GOLDEN=1"
+    assert text == path.read_text(), f"{name} changed: review, then UPDATE_GOLDEN=1 pytest"
+
+
+def _stable(text: str) -> str:
+    return text.replace(str(ROOT), "<repo>")
+
+
+def test_golden_full_options():
+    _check_golden("full-pyxis.sbatch", _stable(render_script(full_spec(), {"gpus_per_node": "given"})))
+
+
+def test_golden_apptainer(tmp_path):
+    image = tmp_path / "vllm.sif"
+    image.write_bytes(b"sif")
+    text = render_script(full_spec(image=str(image)), {"gpus_per_node": "given"})
+    _check_golden("apptainer.sbatch", _stable(text).replace(str(image), "<image>"))
+
+
+def test_script_is_valid_bash_and_quotes_every_value():
+    text = render_script(full_spec(), {})
+    done = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert "export X='a b$c'" in text
+    assert "MODEL=${MODEL:-'org/model with '\"'\"'quote'}" in text
+    assert "'{\"temperature\": 0}'" in text
+
+
+def test_model_override_through_the_environment(tmp_path):
+    text = render_script(build_spec(model="org/it's default", gpus_per_node=1), {})
+    head = text[: text.index("# One node agent")] + 'printf "%s" "$MODEL"\n'
+    for env, expected in (({}, "org/it's default"), ({"MODEL": "org/other"}, "org/other")):
+        done = subprocess.run(["bash", "-c", head], env={"PATH": os.environ["PATH"], **env},
+                              capture_output=True, text=True)
+        assert done.stdout == expected, done.stderr
+
+
+def test_no_secret_or_api_key_in_scripts():
+    text = render_script(full_spec(), {})
+    assert "API_KEY" not in text and "HF_TOKEN=" not in text
+
+
+def test_strict_undefined_fails_loudly():
+    import jinja2
+
+    with pytest.raises(jinja2.UndefinedError):
+        render_template("partials/header.j2", spec=full_spec())  # no `layout`
+
+
+def test_directive_filter_refuses_unsafe_values():
+    from hpc_serve.render import _directive
+
+    with pytest.raises(HpcServeError):
+        _directive("gpu; rm -rf ~")
+
+
+def test_sbatch_scripts_match_the_templates():
+    sys.path.insert(0, str(ROOT / "sbatch"))
+    try:
+        import generate
+    finally:
+        sys.path.pop(0)
+    scripts = generate.scripts()
+    assert set(scripts) == {p.name for p in (ROOT / "sbatch").glob("*.sbatch")}
+    for name, text in scripts.items():
+        assert (ROOT / "sbatch" / name).read_text() == text, f"sbatch/{name} drifted: run make sbatch"
+
+
+def test_sbatch_scripts_parse_back_to_their_layout():
+    from hpc_serve.node_args import parse_node_args
+
+    for path in sorted((ROOT / "sbatch").glob("*.sbatch")):
+        text = path.read_text()
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+        line = text[text.index("-m hpc_serve.node"):].split("\n")[0]
+        import shlex
+        words = shlex.split(line.replace('"$MODEL"', "org/m"))[2:]
+        values = parse_node_args(words)
+        spec = build_spec(executor="local", **values)
+        nodes = int(text.split("#SBATCH --nodes=")[1].split("\n")[0])
+        gpus = int(text.split("#SBATCH --gpus-per-node=")[1].split("\n")[0])
+        assert (spec.layout.nodes, spec.layout.gpus_per_node) == (nodes, gpus), path.name
