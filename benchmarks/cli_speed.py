@@ -38,7 +38,7 @@ def plan_ms(nodes: int, runs: int, launcher: str = "auto") -> float:
     The default launcher is Ray (TP=8, PP up to 4, DP across the rest); ``mp`` gives every node
     its own vLLM command line (DP=nodes), the most per-node work a plan does.
     """
-    from hpc_serve.plan import make_plan
+    from hpc_serve.launch import make_plan
     from hpc_serve.spec import build_spec
 
     times = []

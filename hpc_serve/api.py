@@ -12,10 +12,10 @@ from .slurm import partition_gpus_per_node
 from .spec import DeploymentSpec, build_spec
 
 if TYPE_CHECKING:
-    from .plan import LaunchPlan
+    from .launch import LaunchPlan
 
 
-def resolve(model: str | None = None, *, profile: str | None = None,
+def resolve(model: str | None = None, /, *, profile: str | None = None,
             **options: Any) -> tuple[DeploymentSpec, Settings]:
     """Settings from every layer, then a validated spec. Options are the config keys."""
     if model is not None:
@@ -28,17 +28,17 @@ def resolve(model: str | None = None, *, profile: str | None = None,
     return build_spec(**settings.values), settings
 
 
-def plan(model: str | None = None, *, profile: str | None = None, **options: Any) -> LaunchPlan:
+def plan(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> LaunchPlan:
     """The launch plan (roles, GPUs, stages, exact argv per node) without submitting anything."""
-    from .plan import make_plan
+    from .launch import make_plan
 
     spec, _ = resolve(model, profile=profile, **options)
     return make_plan(spec)
 
 
-def render(model: str | None = None, *, profile: str | None = None, **options: Any) -> str:
+def render(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> str:
     """The sbatch script for a deployment, as text."""
-    from .render import render_script
+    from .script import render_script
 
     spec, settings = resolve(model, profile=profile, **options)
     return render_script(spec, settings.sources)

@@ -104,7 +104,7 @@ def _command_line(argv: list[str], vllm_args: list[str]) -> str:
 
 def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from .api import resolve
-    from .render import render_script
+    from .script import render_script
 
     options, profile = _spec_options(ns, vllm_args)
     spec, settings = resolve(profile=profile, **options)
@@ -126,7 +126,7 @@ def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 def cmd_plan(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from .api import resolve
-    from .plan import make_plan
+    from .launch import make_plan
 
     options, profile = _spec_options(ns, vllm_args)
     spec, settings = resolve(profile=profile, **options)

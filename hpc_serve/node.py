@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 from .errors import HpcServeError
 from .node_args import parse_node_args
-from .plan import node_plan
+from .launch import node_plan
 from .spec import build_spec
 
 

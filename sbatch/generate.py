@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from hpc_serve.render import render_script
+from hpc_serve.script import render_script
 from hpc_serve.spec import build_spec
 
 HERE = Path(__file__).resolve().parent

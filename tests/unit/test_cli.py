@@ -153,6 +153,6 @@ def test_cli_does_not_import_heavy_modules():
 
 def test_node_agent_imports_without_cli_dependencies():
     code = ("import sys; sys.modules['jinja2'] = None; sys.modules['rich'] = None; "
-            "import hpc_serve.node, hpc_serve.plan; print('ok')")
+            "import hpc_serve.node, hpc_serve.launch; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.render import render_script, render_template
+from hpc_serve.script import render_script, render_template
 from hpc_serve.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +80,7 @@ def test_strict_undefined_fails_loudly():
 
 
 def test_directive_filter_refuses_unsafe_values():
-    from hpc_serve.render import _directive
+    from hpc_serve.script import _directive
 
     with pytest.raises(HpcServeError):
         _directive("gpu; rm -rf ~")

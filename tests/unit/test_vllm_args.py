@@ -3,7 +3,7 @@
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.plan import make_plan, node_plan
+from hpc_serve.launch import make_plan, node_plan
 from hpc_serve.spec import build_spec
 from hpc_serve.vllm_args import Runtime, engine_argv, served_model_name
 
