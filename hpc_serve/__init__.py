@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["HpcServeError", "plan", "render", "resolve", "__version__"]
+__all__ = ["HpcServeError", "plan", "render", "resolve", "submit", "__version__"]
 
 from .errors import HpcServeError
 
 
 def __getattr__(name: str) -> Any:
     # The API is imported on first use, so `import hpc_serve` (and the node agent) stays light.
-    if name in ("plan", "render", "resolve"):
+    if name in ("plan", "render", "resolve", "submit"):
         from . import api
 
         return getattr(api, name)

@@ -42,3 +42,11 @@ def render(model: str | None = None, /, *, profile: str | None = None, **options
 
     spec, settings = resolve(model, profile=profile, **options)
     return render_script(spec, settings.sources)
+
+
+def submit(model: str | None = None, /, *, profile: str | None = None, **options: Any):
+    """Validate, then submit through submitit; returns the registry entry (a Deployment)."""
+    from .submit import submit as submit_spec
+
+    spec, _ = resolve(model, profile=profile, **options)
+    return submit_spec(spec)

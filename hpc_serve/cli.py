@@ -160,6 +160,96 @@ def cmd_config_show(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def _home() -> str:
+    from .settings import resolve_settings
+
+    return resolve_settings({}).values["home"]
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def cmd_submit(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .api import resolve
+    from .submit import submit
+
+    options, profile = _spec_options(ns, vllm_args)
+    spec, _ = resolve(profile=profile, **options)
+    _warn(spec.warnings)
+    dep = submit(spec)
+    print(f"submitted {dep.id} ({spec.name}): {spec.model} on {spec.layout.nodes} node(s)")
+    print(f"registry: {dep.path}")
+    print(f"follow it with: hpc-serve status {dep.id}   |   hpc-serve logs {dep.id} -f")
+    if not ns.no_wait:
+        print("note: waiting for readiness comes with the engine; this version returns once submitted.",
+              file=sys.stderr)
+    return 0
+
+
+def _status_table(rows) -> None:
+    from rich.table import Table
+
+    table = Table()
+    for column in ("id", "name", "model", "layout", "slurm", "phase", "endpoint", "age"):
+        table.add_column(column)
+    for row in rows:
+        phase = row.phase + (f": {row.reason}" if row.reason else "")
+        if row.problem:
+            phase = f"[red]{row.problem}[/red]"
+        table.add_row(row.id, row.name, row.model, row.layout, row.slurm_state, phase,
+                      row.endpoint or "-", _age(row.age_s))
+    _console().print(table)
+
+
+def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from . import client
+
+    home = _home()
+    if ns.id:
+        rows = [client.status(ns.id, home)]
+    else:
+        rows = client.statuses(home, include_ended=getattr(ns, "all", False))
+    if ns.json:
+        import json
+
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+    elif not rows:
+        print("no live deployments (hpc-serve list --all shows ended ones)")
+    else:
+        _status_table(rows)
+    return 0
+
+
+def cmd_logs(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from . import client
+
+    home = _home()
+    lines = client.follow(ns.id, ns.node, home) if ns.follow else client.log_lines(ns.id, ns.node, home)[1]
+    for line in lines:
+        print(line, flush=ns.follow)
+    return 0
+
+
+def cmd_cancel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from . import client
+
+    home = _home()
+    if ns.all:
+        rows = client.cancel_all(home)
+        print(f"cancelled {len(rows)} deployment(s)" + (": " + ", ".join(r.id for r in rows) if rows else ""))
+        return 0
+    if not ns.id:
+        raise HpcServeError("Say which deployment to cancel.", "hpc-serve cancel ID, or --all.")
+    row = client.cancel(ns.id, home)
+    print(f"cancelled {row.id}: {row.phase}, Slurm: {row.slurm_state}")
+    return 0
+
+
 def _not_built(command: str) -> Handler:
     def handler(ns: argparse.Namespace, vllm_args: list[str]) -> int:
         raise NotBuiltYet(command)
@@ -169,12 +259,7 @@ def _not_built(command: str) -> Handler:
 
 # Commands that later releases fill in: they exist so that scripts see the contract, and say so.
 _LATER = {
-    "submit": "submit a deployment and wait until it serves",
-    "status": "show deployments and their phase",
-    "list": "list deployments",
-    "logs": "show a deployment's logs",
     "wait": "wait until a deployment is ready",
-    "cancel": "stop a deployment",
     "endpoint": "print a deployment's endpoint",
     "tunnel": "open an SSH tunnel to a deployment",
     "smoke": "check that an endpoint serves the OpenAI API",
@@ -201,6 +286,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_options(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(handler=cmd_plan)
+
+    submit = commands.add_parser("submit", help="submit a deployment (submitit; Slurm or --executor local)")
+    _add_spec_options(submit)
+    submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.set_defaults(handler=cmd_submit)
+
+    for name, help_text in (("status", "show deployments (live ones, or one by ID)"),
+                            ("list", "list deployments")):
+        sub = commands.add_parser(name, help=help_text)
+        if name == "status":
+            sub.add_argument("id", nargs="?", metavar="ID", help="job id or name")
+        else:
+            sub.set_defaults(id=None)
+            sub.add_argument("--all", action="store_true", help="include ended deployments")
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(handler=cmd_status)
+
+    logs = commands.add_parser("logs", help="show a node's log of a deployment")
+    logs.add_argument("id", metavar="ID", help="job id or name")
+    logs.add_argument("--node", type=int, default=0, help="node rank (default 0)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until it ends")
+    logs.set_defaults(handler=cmd_logs)
+
+    cancel = commands.add_parser("cancel", help="stop a deployment and wait until its job is gone")
+    cancel.add_argument("id", nargs="?", metavar="ID", help="job id or name")
+    cancel.add_argument("--all", action="store_true", help="cancel every live deployment")
+    cancel.set_defaults(handler=cmd_cancel)
 
     config = commands.add_parser("config", help="inspect the layered configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+from .errors import HpcServeError
+
 _GPU_GRES = re.compile(r"gpu(?::[^:,()]+)?:(\d+)")
 
 
@@ -38,3 +40,52 @@ def partition_gpus_per_node(partition: str | None) -> tuple[int, str] | None:
     if not gpus:
         return None
     return gpus, f"sinfo ({'partition ' + partition if partition else 'default partition'})"
+
+
+def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """{job id: (state, reason)} for jobs still known to squeue; None when squeue is absent."""
+    if which("squeue") is None:
+        return None
+    import subprocess
+
+    wanted = sorted({j for j in job_ids if j.isdigit()})
+    if not wanted:
+        return {}
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--all", "--format=%i|%T|%r", "--jobs", ",".join(wanted)],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states: dict[str, tuple[str, str]] = {}
+    for line in done.stdout.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) == 3:
+            states[parts[0]] = (parts[1], parts[2])
+    return states
+
+
+def accounting_state(job_id: str) -> str | None:
+    """The final state sacct records for ``job_id``, or None without accounting."""
+    if which("sacct") is None or not job_id.isdigit():
+        return None
+    import subprocess
+
+    try:
+        done = subprocess.run(["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format=State",
+                               "--allocations"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = done.stdout.split()
+    return lines[0] if done.returncode == 0 and lines else None
+
+
+def scancel(job_id: str) -> None:
+    """Cancel a Slurm job; HpcServeError with scancel's reason when it refuses."""
+    import subprocess
+
+    if which("scancel") is None:
+        raise HpcServeError("scancel is not on PATH.", "Run this on the cluster's login node.")
+    done = subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=30, check=False)
+    if done.returncode != 0:
+        raise HpcServeError(f"scancel {job_id} failed: {done.stderr.strip()}",
+                            "Check the job with 'squeue -j JOBID'.")

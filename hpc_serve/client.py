@@ -1,0 +1,189 @@
+"""Reading and steering deployments from the login node: status, list, logs, cancel.
+
+Status works without Slurm accounting: squeue first (one call for all deployments), the registry's
+phase always, and sacct only for jobs that have left the queue.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+from .errors import HpcServeError
+from .registry import TERMINAL, CorruptRecord, Deployment, Registry, registry_root
+from .slurm import accounting_state, queue_states, scancel
+
+
+@dataclass(frozen=True)
+class DeploymentStatus:
+    """One row of `hpc-serve status`."""
+
+    id: str
+    name: str
+    model: str
+    layout: str
+    slurm_state: str
+    phase: str
+    reason: str
+    endpoint: str
+    age_s: float
+    nodes_reported: int
+    problem: str = ""
+
+    @property
+    def live(self) -> bool:
+        return self.phase not in TERMINAL and self.slurm_state not in ("ENDED", "GONE")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "live": self.live}
+
+
+def _layout_text(spec: dict) -> str:
+    lay = spec.get("layout") or {}
+    if not lay:
+        return "?"
+    text = f"{lay['nodes']}x{lay['gpus_per_node']} tp{lay['tp']} pp{lay['pp']} dp{lay['dp']}"
+    return text + (" ep" if lay.get("ep") else "") + f" {lay['launcher']}"
+
+
+def _local_alive(job: dict) -> bool:
+    try:
+        os.kill(int(job.get("slurm_job_id", "0")), 0)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None) -> DeploymentStatus:
+    """Status of one deployment; a corrupt record is reported in ``problem``, never raised."""
+    problem = ""
+    try:
+        job = dep.read("job.json", {}) or {}
+        spec = dep.read("spec.json", {}) or {}
+        state = dep.state
+    except CorruptRecord as exc:
+        job, spec, state, problem = {}, {}, {"phase": "UNKNOWN"}, exc.problem
+    phase = state.get("phase", "PENDING")
+    slurm_job = str(job.get("slurm_job_id") or job.get("job_id") or dep.id)
+    if job.get("executor") == "local":
+        slurm_state = "RUNNING" if _local_alive(job) else "ENDED"
+    elif queue is None:
+        slurm_state = "n/a (no squeue)"
+    elif slurm_job in queue:
+        slurm_state, why = queue[slurm_job]
+        if slurm_state == "PENDING" and why not in ("None", ""):
+            slurm_state = f"PENDING ({why})"
+    else:
+        slurm_state = accounting_state(slurm_job) or "ENDED"
+    submitted = job.get("submitted") or state.get("updated") or time.time()
+    endpoint = (dep.read("endpoint.json", {}) or {}).get("url", "") if not problem else ""
+    return DeploymentStatus(
+        id=dep.id, name=job.get("name", ""), model=spec.get("model", "?"), layout=_layout_text(spec),
+        slurm_state=slurm_state, phase=phase, reason=state.get("reason", ""), endpoint=endpoint,
+        age_s=max(0.0, time.time() - submitted), nodes_reported=len(_safe_nodes(dep)),
+        problem=problem)
+
+
+def _safe_nodes(dep: Deployment) -> dict:
+    try:
+        return dep.nodes()
+    except CorruptRecord:
+        return {}
+
+
+def _registry(home: str | None) -> Registry:
+    return Registry(registry_root(home))
+
+
+def statuses(home: str | None = None, include_ended: bool = False) -> list[DeploymentStatus]:
+    """Every deployment's status (live ones only unless ``include_ended``)."""
+    deployments = _registry(home).all()
+    jobs = []
+    for dep in deployments:
+        try:
+            job = dep.read("job.json", {}) or {}
+        except CorruptRecord:
+            job = {}
+        jobs.append(str(job.get("slurm_job_id") or job.get("job_id") or dep.id))
+    queue = queue_states(jobs)
+    rows = [describe(dep, queue) for dep in deployments]
+    return rows if include_ended else [row for row in rows if row.live or row.problem]
+
+
+def status(key: str, home: str | None = None) -> DeploymentStatus:
+    """One deployment's status, by job id or name."""
+    dep = _registry(home).find(key)
+    job = dep.read("job.json", {}) or {}
+    return describe(dep, queue_states([str(job.get("slurm_job_id") or dep.id)]))
+
+
+def log_lines(key: str, node: int = 0, home: str | None = None) -> tuple[str, list[str]]:
+    """(path, lines) of a node's log; falls back to Slurm's output file before the agent starts."""
+    dep = _registry(home).find(key)
+    path = dep.log_path(node)
+    if not os.path.exists(path):
+        job = dep.read("job.json", {}) or {}
+        folder = job.get("submitit_folder", "")
+        fallback = os.path.join(folder, f"{job.get('slurm_job_id')}_{node}_log.out") if folder else ""
+        if fallback and os.path.exists(fallback):
+            path = fallback
+        else:
+            nodes = sorted(dep.nodes())
+            raise HpcServeError(f"No log for node {node} of {dep.id} yet (phase {dep.phase}).",
+                                f"Nodes with logs: {nodes or 'none yet'}; wait for the job to start.")
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return path, handle.read().splitlines()
+
+
+def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5) -> Iterator[str]:
+    """Yield a node's log lines as they are written, until the deployment has ended."""
+    path, lines = log_lines(key, node, home)
+    yield from lines
+    position = os.path.getsize(path)
+    while True:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(position)
+            chunk = handle.read()
+            position = handle.tell()
+        yield from chunk.splitlines()
+        if not chunk and not status(key, home).live:
+            return
+        time.sleep(poll_s)
+
+
+def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> DeploymentStatus:
+    """Cancel a deployment and wait until its job has left the queue."""
+    dep = _registry(home).find(key)
+    current = status(dep.id, home)
+    if not current.live:
+        raise HpcServeError(f"Deployment {dep.id} has already ended ({current.phase}, Slurm: {current.slurm_state}).",
+                            "Nothing to cancel; 'hpc-serve list' shows the live ones.")
+    job = dep.read("job.json", {}) or {}
+    job_id = str(job.get("slurm_job_id") or dep.id)
+    if job.get("executor") == "local":
+        try:
+            os.kill(int(job_id), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    else:
+        scancel(job_id)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = status(dep.id, home)
+        if current.slurm_state in ("ENDED", "CANCELLED", "COMPLETED") or current.slurm_state.startswith("n/a"):
+            break
+        time.sleep(0.2)
+    else:
+        raise HpcServeError(f"Job {job_id} is still in the queue {timeout_s:.0f} s after scancel.",
+                            f"Check 'squeue -j {job_id}'; Slurm may be waiting for a node to respond.")
+    if dep.phase not in TERMINAL:  # cancelled before any node ran, or the agent was killed
+        dep.set_phase("STOPPED", "cancelled")
+    return status(dep.id, home)
+
+
+def cancel_all(home: str | None = None) -> list[DeploymentStatus]:
+    """Cancel every live deployment."""
+    return [cancel(row.id, home) for row in statuses(home) if row.live and not row.problem]

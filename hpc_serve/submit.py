@@ -1,0 +1,95 @@
+"""Submitting a deployment through submitit: Slurm, or this machine with `--executor local`.
+
+The job runs the same node agent as the sbatch templates (`hpc_serve.node.run_task` calls
+`hpc_serve.node.run`), with the same setup lines (rendered from templates/partials/setup.j2).
+Nothing is recorded in the registry unless Slurm accepted the job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from .errors import HpcServeError
+from .launch import make_plan
+from .node_args import to_node_args
+from .registry import Deployment, Registry, registry_root
+from .slurm import which
+from .spec import DeploymentSpec
+
+#: Seconds between the time-limit signal and the kill: the agent stops vLLM and Ray in that time.
+SIGNAL_BEFORE_END_S = 120
+
+
+def _setup_lines(spec: DeploymentSpec, root: str) -> list[str]:
+    from .script import render_template
+
+    text = render_template("partials/setup.j2", spec=spec)
+    return [f"export HPC_SERVE_HOME={_quote(root)}", *text.splitlines()]
+
+
+def _quote(value: str) -> str:
+    import shlex
+
+    return shlex.quote(value)
+
+
+def _sbatch_reason(message: str) -> str:
+    """The line of sbatch's stderr that says why it refused the job."""
+    lines = [line.strip() for line in message.splitlines() if "error" in line.lower()]
+    for line in lines:
+        if "Batch job submission failed" in line:
+            return re.sub(r"^sbatch: error: ", "", line)
+    return lines[-1] if lines else message.strip().splitlines()[-1] if message.strip() else "unknown error"
+
+
+def _executor(spec: DeploymentSpec, root: str):
+    import submitit
+
+    folder = os.path.join(root, "submitit", "%j")
+    if spec.executor == "local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(tasks_per_node=spec.layout.nodes, nodes=1,
+                                   timeout_min=spec.time_minutes or 60 * 24 * 365)
+        return executor
+    if which("sbatch") is None:
+        raise HpcServeError("sbatch is not on PATH: this machine is not a Slurm login node.",
+                            "Run on a login node, or use --executor local to serve on this machine.")
+    executor = submitit.SlurmExecutor(folder=folder)
+    lay = spec.layout
+    params = {
+        "job_name": spec.name, "nodes": lay.nodes, "ntasks_per_node": 1,
+        "gpus_per_node": lay.gpus_per_node, "partition": spec.partition, "account": spec.account,
+        "qos": spec.qos, "constraint": spec.constraint, "cpus_per_task": spec.cpus_per_node,
+        "mem": spec.mem, "time": spec.time_minutes, "exclusive": spec.exclusive or None,
+        "setup": _setup_lines(spec, root), "signal_delay_s": SIGNAL_BEFORE_END_S, "wckey": None,
+        "srun_args": ["--kill-on-bad-exit=1"],
+    }
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(spec: DeploymentSpec) -> Deployment:
+    """Submit ``spec``; return its registry entry (state PENDING until a node reports)."""
+    registry = Registry(registry_root(spec.home))
+    registry.check_writable()
+    executor = _executor(spec, registry.root)
+    from .node import run_task
+
+    try:
+        job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root)
+    except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
+        if type(exc).__name__ not in ("FailedJobError", "CalledProcessError", "FileNotFoundError"):
+            raise
+        raise HpcServeError(f"Slurm refused the job: {_sbatch_reason(str(exc))}",
+                            "Check --partition, --nodes and --gpus-per-node against 'sinfo'.") from None
+    job_id = str(job.job_id) if spec.executor == "slurm" else f"local-{job.job_id}"
+    dep = registry.deployment(job_id).ensure()
+    dep.write("spec.json", spec.to_dict())
+    dep.write("plan.json", make_plan(spec).to_dict())
+    dep.write("job.json", {"job_id": job_id, "slurm_job_id": str(job.job_id), "executor": spec.executor,
+                           "name": spec.name, "submitted": time.time(),
+                           "submitit_folder": os.path.join(registry.root, "submitit", str(job.job_id))})
+    dep.init_phase("PENDING", "submitted")
+    return dep
