@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test unit demo sbatch bench clean
+.PHONY: install test unit cluster cluster-down demo sbatch bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: install
 unit: install
 	$(PY) -m pytest -q tests/unit -m "not slow"
 
+## cluster: start the local 4-node Slurm test cluster by hand (root); cluster-down removes it
+cluster: install
+	$(PY) -m hpc_serve.localcluster up --nodes 4
+
+cluster-down: install
+	$(PY) -m hpc_serve.localcluster down
+
 ## demo: show what `hpc-serve submit --nodes 2 --tp 8 --pp 2` would run
 demo: install
 	$(VENV)/bin/hpc-serve plan Qwen/Qwen2.5-7B-Instruct --nodes 2 --tp 8 --pp 2 --gpus-per-node 8
@@ -33,6 +40,7 @@ sbatch: install
 ## bench: CLI and planning speed; writes benchmarks/results/
 bench: install
 	$(PY) benchmarks/cli_speed.py
+	$(PY) benchmarks/slurm_submit.py
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info

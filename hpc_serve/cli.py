@@ -192,18 +192,17 @@ def cmd_submit(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def _status_table(rows) -> None:
-    from rich.table import Table
-
-    table = Table()
-    for column in ("id", "name", "model", "layout", "slurm", "phase", "endpoint", "age"):
-        table.add_column(column)
+    """squeue-style aligned columns: fast for hundreds of rows, and easy to grep."""
+    header = ("ID", "NAME", "MODEL", "LAYOUT", "SLURM", "PHASE", "ENDPOINT", "AGE")
+    lines = [header]
     for row in rows:
-        phase = row.phase + (f": {row.reason}" if row.reason else "")
-        if row.problem:
-            phase = f"[red]{row.problem}[/red]"
-        table.add_row(row.id, row.name, row.model, row.layout, row.slurm_state, phase,
-                      row.endpoint or "-", _age(row.age_s))
-    _console().print(table)
+        # one deployment: the phase with its reason; many: the phase alone
+        phase = row.phase + (f": {row.reason}" if row.reason and len(rows) == 1 else "")
+        lines.append((row.id, row.name, row.model, row.layout, row.slurm_state,
+                      row.problem or phase, row.endpoint or "-", _age(row.age_s)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
 
 
 def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:

@@ -14,7 +14,7 @@ from typing import Iterator
 
 from .errors import HpcServeError
 from .registry import TERMINAL, CorruptRecord, Deployment, Registry, registry_root
-from .slurm import accounting_state, queue_states, scancel
+from .slurm import accounting_states, queue_states, scancel
 
 
 @dataclass(frozen=True)
@@ -57,8 +57,13 @@ def _local_alive(job: dict) -> bool:
         return False
 
 
-def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None) -> DeploymentStatus:
-    """Status of one deployment; a corrupt record is reported in ``problem``, never raised."""
+def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None,
+             accounting: dict[str, str] | None = None) -> DeploymentStatus:
+    """Status of one deployment; a corrupt record is reported in ``problem``, never raised.
+
+    ``queue`` is squeue's answer for all jobs at once; ``accounting`` is sacct's for those that
+    left the queue (None: ask sacct for this one).
+    """
     problem = ""
     try:
         job = dep.read("job.json", {}) or {}
@@ -77,7 +82,8 @@ def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None) -> Deplo
         if slurm_state == "PENDING" and why not in ("None", ""):
             slurm_state = f"PENDING ({why})"
     else:
-        slurm_state = accounting_state(slurm_job) or "ENDED"
+        known = accounting if accounting is not None else accounting_states([slurm_job])
+        slurm_state = known.get(slurm_job, "ENDED")
     submitted = job.get("submitted") or state.get("updated") or time.time()
     endpoint = (dep.read("endpoint.json", {}) or {}).get("url", "") if not problem else ""
     return DeploymentStatus(
@@ -109,7 +115,8 @@ def statuses(home: str | None = None, include_ended: bool = False) -> list[Deplo
             job = {}
         jobs.append(str(job.get("slurm_job_id") or job.get("job_id") or dep.id))
     queue = queue_states(jobs)
-    rows = [describe(dep, queue) for dep in deployments]
+    accounting = accounting_states([j for j in jobs if queue is not None and j not in queue])
+    rows = [describe(dep, queue, accounting) for dep in deployments]
     return rows if include_ended else [row for row in rows if row.live or row.problem]
 
 
@@ -138,19 +145,30 @@ def log_lines(key: str, node: int = 0, home: str | None = None) -> tuple[str, li
         return path, handle.read().splitlines()
 
 
+#: How long an agent may still be ending after its job has left the queue (Slurm's KillWait).
+AGENT_GRACE_S = 15.0
+
+
 def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5) -> Iterator[str]:
     """Yield a node's log lines as they are written, until the deployment has ended."""
     path, lines = log_lines(key, node, home)
     yield from lines
     position = os.path.getsize(path)
+    gone_since: float | None = None
     while True:
         with open(path, encoding="utf-8", errors="replace") as handle:
             handle.seek(position)
             chunk = handle.read()
             position = handle.tell()
         yield from chunk.splitlines()
-        if not chunk and not status(key, home).live:
-            return
+        if not chunk:
+            row = status(key, home)
+            if row.phase in TERMINAL:
+                return
+            if not row.live:  # the job left the queue; its agents may still be writing
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > AGENT_GRACE_S:
+                    return
         time.sleep(poll_s)
 
 
@@ -179,8 +197,12 @@ def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> Deploy
     else:
         raise HpcServeError(f"Job {job_id} is still in the queue {timeout_s:.0f} s after scancel.",
                             f"Check 'squeue -j {job_id}'; Slurm may be waiting for a node to respond.")
+    if dep.nodes():  # agents ran: give them Slurm's KillWait to record their own end
+        deadline = time.monotonic() + AGENT_GRACE_S
+        while dep.phase not in TERMINAL and time.monotonic() < deadline:
+            time.sleep(0.1)
     if dep.phase not in TERMINAL:  # cancelled before any node ran, or the agent was killed
-        dep.set_phase("STOPPED", "cancelled")
+        dep.set_phase("STOPPED", "cancelled" if not dep.nodes() else "cancelled; the agent did not record its end")
     return status(dep.id, home)
 
 

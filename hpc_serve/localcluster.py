@@ -135,7 +135,7 @@ def _edit_hosts(block: str | None) -> None:
 
 
 def _start_munged(state: Path) -> None:
-    if _run("pgrep", "-x", "munged", check=False).returncode == 0:
+    if daemon_pids(("munged",)) and Path("/run/munge/munge.socket.2").exists():
         return
     run_dir = Path("/run/munge")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -259,18 +259,33 @@ def _kill_pid(pid: int) -> None:
         pass
 
 
+def _alive(pid: int) -> bool:
+    """Running and not a zombie (PID 1 here reaps orphans lazily, so zombies linger)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def daemon_pids(names: tuple[str, ...] = ("slurmd", "slurmctld", "slurmstepd")) -> list[int]:
+    """Live (non-zombie) processes with one of these command names."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+            except OSError:
+                continue
+            if comm in names and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
 def namespace_pids(namespace: str) -> list[int]:
     """Live processes in a node's network namespace (zombies excluded)."""
     done = _run("ip", "netns", "pids", namespace, check=False)
-    pids = []
-    for word in done.stdout.split():
-        try:
-            stat = Path(f"/proc/{word}/stat").read_text()
-        except OSError:
-            continue
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
-            pids.append(int(word))
-    return pids
+    return [int(word) for word in done.stdout.split() if _alive(int(word))]
 
 
 def down(state_dir: Path = STATE_DIR) -> None:
@@ -295,8 +310,15 @@ def down(state_dir: Path = STATE_DIR) -> None:
             _run("ip", "netns", "delete", ns, check=False)
     if shutil.which("ip"):
         _run("ip", "link", "delete", BRIDGE, check=False)
+    deadline = time.monotonic() + 10
+    while daemon_pids() and time.monotonic() < deadline:  # SIGKILL is sent; wait for it to land
+        time.sleep(0.05)
     if (state / "munged.ours").exists():
-        _run("pkill", "-x", "munged", check=False)
+        for pid in daemon_pids(("munged",)):
+            _kill_pid(pid)
+        deadline = time.monotonic() + 10
+        while daemon_pids(("munged",)) and time.monotonic() < deadline:
+            time.sleep(0.05)
         (state / "munged.ours").unlink()
     link_marker = state / "slurm-link.ours"
     if link_marker.exists():

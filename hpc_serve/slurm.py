@@ -64,19 +64,23 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return states
 
 
-def accounting_state(job_id: str) -> str | None:
-    """The final state sacct records for ``job_id``, or None without accounting."""
-    if which("sacct") is None or not job_id.isdigit():
-        return None
+def accounting_states(job_ids: list[str]) -> dict[str, str]:
+    """{job id: final state} from one sacct call; empty without accounting."""
+    wanted = sorted({j for j in job_ids if j.isdigit()})
+    if not wanted or which("sacct") is None:
+        return {}
     import subprocess
 
     try:
-        done = subprocess.run(["sacct", "--noheader", "--parsable2", "--jobs", job_id, "--format=State",
-                               "--allocations"], capture_output=True, text=True, timeout=10, check=False)
+        done = subprocess.run(["sacct", "--noheader", "--parsable2", "--allocations",
+                               "--format=JobID,State", "--jobs", ",".join(wanted)],
+                              capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = done.stdout.split()
-    return lines[0] if done.returncode == 0 and lines else None
+        return {}
+    if done.returncode != 0:  # e.g. "Slurm accounting storage is disabled"
+        return {}
+    pairs = (line.split("|", 1) for line in done.stdout.splitlines() if "|" in line)
+    return {job: state.split()[0] for job, state in pairs if state}
 
 
 def scancel(job_id: str) -> None:

@@ -7,6 +7,8 @@ Nothing is recorded in the registry unless Slurm accepted the job.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import time
@@ -70,6 +72,25 @@ def _executor(spec: DeploymentSpec, root: str):
     return executor
 
 
+@contextlib.contextmanager
+def _detached_output(active: bool):
+    """Point fds 1 and 2 at /dev/null while a local job starts, so it does not hold our terminal."""
+    if not active:
+        yield
+        return
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+
+
 def submit(spec: DeploymentSpec) -> Deployment:
     """Submit ``spec``; return its registry entry (state PENDING until a node reports)."""
     registry = Registry(registry_root(spec.home))
@@ -78,7 +99,9 @@ def submit(spec: DeploymentSpec) -> Deployment:
     from .node import run_task
 
     try:
-        job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root)
+        # submitit echoes sbatch's stderr on failure; the reason is reported once, below.
+        with contextlib.redirect_stderr(io.StringIO()), _detached_output(spec.executor == "local"):
+            job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root)
     except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
         if type(exc).__name__ not in ("FailedJobError", "CalledProcessError", "FileNotFoundError"):
             raise

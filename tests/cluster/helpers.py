@@ -1,0 +1,68 @@
+"""Helpers for the cluster tests: run the CLI, poll conditions, read the registry."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpc_serve import localcluster
+
+HPC_SERVE = [sys.executable, "-m", "hpc_serve"]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*HPC_SERVE, *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def wait_for(condition, timeout: float, what: str, poll: float = 0.1):
+    """Poll ``condition`` until truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def squeue_ids(cluster) -> list[str]:
+    done = subprocess.run(["squeue", "--noheader", "--format=%i"], env=cluster.env,
+                          capture_output=True, text=True)
+    return done.stdout.split()
+
+
+def deployment_dir(home: Path, job_id: str) -> Path:
+    return home / "deployments" / job_id
+
+
+def read_state(home: Path, job_id: str) -> dict:
+    try:
+        return json.loads((deployment_dir(home, job_id) / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def all_nodes_reported(home: Path, job_id: str, count: int) -> bool:
+    return f"all {count} nodes reported" in read_state(home, job_id).get("reason", "")
+
+
+def job_processes(cluster) -> dict[str, list[str]]:
+    """Command names of every process in each node's namespace, except slurmd itself."""
+    out = {}
+    for node in cluster.nodes:
+        pids = localcluster.namespace_pids(cluster.namespace(node))
+        names = []
+        for pid in pids:
+            try:
+                names.append(Path(f"/proc/{pid}/comm").read_text().strip())
+            except OSError:
+                continue
+        out[node] = [n for n in names if n != "slurmd"]
+    return out
