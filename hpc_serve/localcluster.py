@@ -174,9 +174,13 @@ def _start_slurmd(node: str, state: Path, conf: Path) -> int:
     (node_dir / "tmp").mkdir(parents=True, exist_ok=True)
     (node_dir / "tmp").chmod(0o1777)
     (state / "spool" / node).mkdir(parents=True, exist_ok=True)
-    rebind = "".join(f"mkdir -p {p}; mount --bind /proc/1/root{p} {p}; " for p in _visible_paths())
+    # Keep the machine's /tmp reachable at host-tmp, so paths under it that nodes need
+    # (this interpreter, this package) can be bound back into the node's private /tmp.
+    (node_dir / "host-tmp").mkdir(exist_ok=True)
+    rebind = "".join(f"mkdir -p {p}; mount --bind {node_dir}/host-tmp{p[len('/tmp'):]} {p}; "
+                     for p in _visible_paths())
     script = (
-        f"hostname {node}; "
+        f"hostname {node}; mount --bind /tmp {node_dir}/host-tmp; "
         f"mount --bind {node_dir}/tmp /tmp; {rebind}"
         "mount -t tmpfs -o size=4g tmpfs /dev/shm; "
         f"exec slurmd -D -N {node} -f {conf}"
