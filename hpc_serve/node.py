@@ -1,10 +1,12 @@
 """The node agent: `python -m hpc_serve.node ...`, one task per node inside the allocation.
 
 Stdlib only. Each node records who it is (hostname, IP, Slurm node id, GPUs) in the registry;
-rank 0 also writes the deployment's spec, plan and state, waits until every node has reported
-(naming the ones that did not), and holds the allocation until it is cancelled or reaches its
-time limit. Starting Ray and vLLM comes with the engine release; until then rank 0 says so in the
-phase reason.
+rank 0 also writes the deployment's spec, plan and state and waits until every node has
+reported (naming the ones that did not). With the mp launcher every node then runs its vLLM
+process; rank 0 marks LOADING, then READY once /health answers and /v1/models lists the model,
+publishes the endpoint, and turns any node's vLLM exit into FAILED with its last lines. Cancel and
+the time-limit signal stop vLLM and record STOPPED or TIMEOUT. The Ray launcher's engine is not
+built yet: its agents hold the allocation and say so.
 """
 
 from __future__ import annotations
@@ -95,26 +97,103 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
     dep.write(f"nodes/{rank}.json", identity)
     log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}")
     if rank == 0:
-        launch = make_plan(spec)
         create_json(dep.file("spec.json"), spec.to_dict())
-        create_json(dep.file("plan.json"), launch.to_dict())
+        create_json(dep.file("plan.json"), make_plan(spec).to_dict())
         create_json(dep.file("job.json"), {"job_id": job_id, "executor": executor,
                                            "name": os.environ.get("SLURM_JOB_NAME", spec.name),
                                            "submitted": time.time()})
         missing = _wait_for_nodes(dep, spec.layout.nodes, log, stop)
         if missing:
-            reason = f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s"
-            dep.set_phase("FAILED", reason)
-            log(reason)
-            return 1
-        if not stop.is_set():
-            dep.set_phase("STARTING", f"all {spec.layout.nodes} nodes reported (engine: not built "
-                          "in this version; holding the allocation)")
-    while not stop.is_set():
+            return _fail(dep, log, f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
+    code = 0
+    if spec.layout.launcher == "mp" and not stop.is_set():
+        code = _serve_mp(spec, dep, rank, job_id, identity, log, stop)
+    elif rank == 0 and not stop.is_set():
+        dep.set_phase("STARTING", f"all {spec.layout.nodes} nodes reported (the Ray launcher's "
+                      "engine is not built in this version; holding the allocation)")
+    while code == 0 and not stop.is_set():
         stop.wait(1.0)
-    log(f"received {ended.get('signal', 'stop')}: ending")
+    if stop.is_set():
+        log(f"received {ended.get('signal', 'stop')}: ending")
+    if rank == 0 and dep.phase != "FAILED":
+        failed = _failed_nodes(dep)
+        if failed:
+            dep.set_phase("FAILED", failed[0])
+        elif stop.is_set():
+            dep.set_phase(ended.get("phase", "STOPPED"), f"received {ended.get('signal', 'stop')}")
+    return code
+
+
+def _fail(dep: Deployment, log: NodeLog, reason: str) -> int:
+    dep.set_phase("FAILED", reason)
+    log(reason)
+    return 1
+
+
+def _failed_nodes(dep: Deployment) -> list[str]:
+    return [record["failed"] for record in dep.nodes().values() if record.get("failed")]
+
+
+def _serve_mp(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
+              log: NodeLog, stop: threading.Event) -> int:
+    """vLLM's native multi-node launcher: every node runs its own vllm process."""
+    from .engine import EngineProcess, busy_ports, make_runtime, serves, tail, wait_until
+    from .launch import node_plan
+    from .vllm_args import served_model_name
+
+    head = identity if rank == 0 else None
+    if head is None:
+        wait_until(lambda: 0 in dep.nodes(), JOIN_TIMEOUT_S, stop=stop)
+        head = dep.nodes().get(0)
+        if head is None:
+            log("node 0 never reported; ending")
+            return 1
+    rt = make_runtime(job_id, identity["ip"], head["ip"], spec.port)
+    plan = node_plan(spec, rank, rt)
+    where = f"node {rank} ({identity['hostname']})"
+
+    def fail(reason: str) -> int:
+        if rank == 0:
+            return _fail(dep, log, reason)
+        dep.write(f"nodes/{rank}.json", {**identity, "failed": reason})
+        log(reason)
+        return 1
+
     if rank == 0:
-        dep.set_phase(ended.get("phase", "STOPPED"), f"received {ended.get('signal', 'stop')}")
+        wanted = [int(rt.api_port)] + ([int(rt.master_port)] if spec.layout.nodes > 1 else [])
+        busy = busy_ports(rt.node_ip, wanted)
+        if busy:
+            return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
+    engine = EngineProcess(plan.processes[-1], dep.log_path(rank), rt.tmp_dir)
+    try:
+        engine.start()
+    except RuntimeError as exc:
+        return fail(f"{where}: {exc}")
+    log(f"started vLLM (pid {engine.popen.pid}): {' '.join(plan.processes[-1].argv)}")
+    url, model = f"http://{rt.node_ip}:{rt.api_port}", served_model_name(spec.model, spec.vllm_args)
+    if rank == 0:
+        dep.set_phase("LOADING", f"vLLM starting on {spec.layout.nodes} node(s)")
+    ready = False
+    try:
+        while not stop.is_set():
+            if engine.exit_code is not None:
+                return fail(f"vLLM on {where} exited with code {engine.exit_code}; its last lines:\n"
+                            f"{tail(dep.log_path(rank))}")
+            if rank == 0:
+                failed = _failed_nodes(dep)
+                if failed:
+                    return _fail(dep, log, failed[0])
+                if not ready and serves(url, model):
+                    ready = True
+                    dep.write("endpoint.json", {"url": f"{url}/v1", "base": url, "host": rt.node_ip,
+                                                "hostname": identity["hostname"], "port": int(rt.api_port),
+                                                "model": spec.model, "served_model": model})
+                    dep.set_phase("READY", f"{url}/v1")
+                    log(f"READY at {url}/v1 (model {model})")
+            stop.wait(1.0 if ready else 0.1)
+    finally:
+        engine.stop()
+        log("vLLM stopped; its temp files removed")
     return 0
 
 

@@ -4,8 +4,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
 
 import pytest
+
+from hpc_serve import localcluster
+
+from .cluster.helpers import squeue_ids, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +28,45 @@ def isolated_config(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     monkeypatch.setenv("HPC_SERVE_SITE_CONFIG", str(tmp_path / "site.toml"))
     return home
+
+
+# The real Slurm cluster, shared by tests/cluster and tests/engine (one per session).
+@pytest.fixture(scope="session")
+def cluster():
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster needs root")
+    started = localcluster.up(nodes=4)
+    try:
+        yield started
+    finally:
+        localcluster.down()
+        assert_nothing_left()
+        localcluster.down()  # safe to run twice
+        assert_nothing_left()
+
+
+def assert_nothing_left() -> None:
+    """After teardown: no namespace, bridge, /etc/hosts block, /etc/slurm link or daemon."""
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    left = {
+        "namespaces": "hs-node" in namespaces,
+        "bridge": localcluster.BRIDGE in links,
+        "hosts": localcluster.HOSTS_BEGIN in Path("/etc/hosts").read_text(),
+        "slurm.conf link": localcluster.SLURM_LINK.is_symlink(),
+        "daemons": localcluster.daemon_pids(),
+    }
+    assert not any(left.values()), f"left behind after teardown: {left}"
+
+
+@pytest.fixture
+def home(cluster, monkeypatch):
+    """A fresh registry on the shared folder, and the cluster's Slurm config for every command."""
+    path = Path(cluster.shared_dir) / f"home-{uuid.uuid4().hex[:8]}"
+    path.mkdir(mode=0o700)
+    monkeypatch.setenv("HPC_SERVE_HOME", str(path))
+    monkeypatch.setenv("HPC_SERVE_PYTHON", sys.executable)
+    monkeypatch.setenv("SLURM_CONF", cluster.slurm_conf)
+    yield path
+    subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True)
+    wait_for(lambda: not squeue_ids(cluster), 30, "jobs to leave the queue after the test")

@@ -1,0 +1,162 @@
+"""Running the engine on a node: runtime values, port checks, process groups, readiness probes.
+
+Stdlib only (runs inside the allocation). Every process is started in its own session so that
+the agent can end it and all its children on every path, whatever Slurm's process tracking is.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+
+from .launch import Process
+from .ports import job_ports
+from .vllm_args import Runtime
+
+#: /dev/shm files vLLM and torch leave behind when killed (see docs/engine.md).
+SHM_PATTERNS = ("psm_*", "sem.mp-*", "vllm*")
+
+
+def job_number(job_id: str) -> int:
+    digits = "".join(ch for ch in job_id if ch.isdigit())
+    return int(digits) if digits else 0
+
+
+def make_runtime(job_id: str, node_ip: str, head_ip: str, api_port: int | None) -> Runtime:
+    """Real addresses, ports (derived from the job id) and a short per-job temp dir."""
+    ports = job_ports(job_number(job_id), api_port)
+    return Runtime(node_ip=node_ip, head_ip=head_ip, api_port=str(ports.api), ray_port=str(ports.ray),
+                   master_port=str(ports.master), dp_rpc_port=str(ports.dp_rpc),
+                   ray_client_port=str(ports.ray_client), tmp_dir=f"/tmp/hs-{job_id}")
+
+
+def busy_ports(ip: str, ports: list[int]) -> list[int]:
+    """The ports of ``ports`` that cannot be bound on ``ip`` right now."""
+    busy = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((ip, port))
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+class EngineProcess:
+    """One planned process, in its own session, its output appended to ``log_path``."""
+
+    def __init__(self, process: Process, log_path: str, tmp_dir: str) -> None:
+        self.process, self.log_path, self.tmp_dir = process, log_path, tmp_dir
+        self.popen: subprocess.Popen | None = None
+        self.shm_before = set(_shm_files())
+
+    def start(self) -> None:
+        for sub in ("vllm-cache", "inductor", "tmp"):
+            os.makedirs(os.path.join(self.tmp_dir, sub), mode=0o700, exist_ok=True)
+        env = {**os.environ, **dict(self.process.env),
+               "VLLM_CACHE_ROOT": os.path.join(self.tmp_dir, "vllm-cache"),
+               "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.tmp_dir, "inductor"),
+               "TMPDIR": os.path.join(self.tmp_dir, "tmp"),
+               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+        log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            self.popen = subprocess.Popen(list(self.process.argv), env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          start_new_session=True)
+        except OSError as exc:
+            raise RuntimeError(f"cannot start {self.process.argv[0]}: {exc.strerror}") from None
+        finally:
+            os.close(log)
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.popen is None else self.popen.poll()
+
+    def stop(self, grace_s: float = 3.0) -> None:
+        """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``; clean up."""
+        if self.popen is not None and self.popen.poll() is None:
+            _signal_group(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.popen is not None:
+            _signal_group(self.popen.pid, signal.SIGKILL)  # children that outlived their leader
+            try:
+                self.popen.wait(2)
+            except subprocess.TimeoutExpired:
+                pass
+        for path in set(_shm_files()) - self.shm_before:
+            try:
+                if os.stat(path).st_uid == os.getuid():
+                    os.unlink(path)
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _shm_files() -> list[str]:
+    return [path for pattern in SHM_PATTERNS for path in glob.glob(os.path.join("/dev/shm", pattern))]
+
+
+def tail(path: str, lines: int = 12) -> str:
+    """The last ``lines`` lines of a log, joined, for failure reasons."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return "\n".join(line.rstrip() for line in deque(handle, maxlen=lines))
+    except OSError:
+        return "(no log)"
+
+
+def _get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, b""
+    except (OSError, ValueError):
+        return 0, b""
+
+
+def serves(base_url: str, model: str, headers: dict[str, str] | None = None) -> bool:
+    """Ready = /health answers 200 and /v1/models lists ``model``."""
+    status, _ = _get(f"{base_url}/health")
+    if status != 200:
+        return False
+    request = urllib.request.Request(f"{base_url}/v1/models", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=2.0) as response:
+            listed = json.loads(response.read())
+    except (OSError, ValueError):
+        return False
+    return any(entry.get("id") == model for entry in listed.get("data", []))
+
+
+def wait_until(condition, timeout_s: float, poll_s: float = 0.1, stop=None) -> bool:
+    """Poll ``condition`` until true, ``stop`` is set, or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if stop is not None and stop.wait(poll_s):
+            return False
+        if stop is None:
+            time.sleep(poll_s)
+    return False

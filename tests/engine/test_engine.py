@@ -1,0 +1,133 @@
+"""Real vLLM (CPU build) serving a tiny model through hpc-serve on the real Slurm cluster."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpc_serve import localcluster
+
+from ..cluster.helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
+
+pytestmark = pytest.mark.engine
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_ARGS = ["--", "--max-model-len", "512"]
+
+
+def submit(vllm_env, *layout, eager=True, model=None):
+    done = run_cli("submit", model or vllm_env.model, *layout, "--engine-cmd", vllm_env.engine_cmd,
+                   "--env", "VLLM_CPU_KVCACHE_SPACE=1", *VLLM_ARGS, *(["--enforce-eager"] if eager else []))
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[1]
+
+
+def wait_phase(home, job_id, phases, timeout):
+    return wait_for(lambda: read_state(home, job_id).get("phase") in phases and read_state(home, job_id),
+                    timeout, f"job {job_id} to reach {phases} (now {read_state(home, job_id).get('phase')})",
+                    poll=0.5)
+
+
+def endpoint(job_id):
+    rows = json.loads(run_cli("status", job_id, "--json").stdout)
+    return rows[0]["endpoint"]
+
+
+def node_shm(cluster, node):
+    """/dev/shm as the node sees it (its own tmpfs, in slurmd's mount namespace)."""
+    pid = [p for p in localcluster.namespace_pids(cluster.namespace(node))
+           if Path(f"/proc/{p}/comm").read_text().strip() == "slurmd"][0]
+    done = subprocess.run(["nsenter", "-t", str(pid), "-m", "ls", "/dev/shm"], capture_output=True, text=True)
+    return done.stdout.split()
+
+
+def cancel_clean(cluster, home, job_id, nodes):
+    assert run_cli("cancel", job_id).returncode == 0
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the job to leave the queue")
+    assert read_state(home, job_id)["phase"] == "STOPPED"
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
+    for node in cluster.nodes[:nodes]:
+        assert node_shm(cluster, node) == [], node
+        assert not (Path(cluster.state_dir) / "nodes" / node / "tmp" / f"hs-{job_id}").exists()
+
+
+def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
+    openai = pytest.importorskip("openai")
+    job_id = submit(vllm_env, "--gpus-per-node", "1")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
+    assert state["phase"] == "READY", state["reason"]
+    assert [h["phase"] for h in state["history"]][-2:] == ["LOADING", "READY"]
+    url = endpoint(job_id)
+    assert url.startswith(f"http://{cluster.node_ip('node1')}:") and url.endswith("/v1")
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    assert [m.id for m in client.models.list().data] == [vllm_env.model]
+    completion = client.completions.create(model=vllm_env.model, prompt="Hello", max_tokens=4)
+    assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 4
+    chat = client.chat.completions.create(model=vllm_env.model, max_tokens=4,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert chat.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=vllm_env.model, max_tokens=4, stream=True,
+                                                 messages=[{"role": "user", "content": "Hi"}]))
+    assert len(chunks) >= 2 and chunks[-1].choices[0].finish_reason == "length"
+    cancel_clean(cluster, home, job_id, 1)
+
+
+def test_pipeline_parallel_across_two_nodes(cluster, home, vllm_env):
+    openai = pytest.importorskip("openai")
+    # PP must run without --enforce-eager on the CPU build (see docs/engine.md).
+    job_id = submit(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--pp", "2", "--launcher", "mp", eager=False)
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY", state["reason"]
+    follower_log = (deployment_dir(home, job_id) / "logs" / "node-1.log").read_text()
+    assert "--headless" in follower_log and f"tcp://{cluster.node_ip('node1')}" in follower_log
+    client = openai.OpenAI(base_url=endpoint(job_id), api_key="unused")
+    assert client.completions.create(model=vllm_env.model, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+    cancel_clean(cluster, home, job_id, 2)
+
+
+def test_engine_failing_while_loading_is_failed_with_its_reason(cluster, home, vllm_env):
+    broken = Path(cluster.shared_dir) / "model-without-weights"
+    shutil.rmtree(broken, ignore_errors=True)
+    shutil.copytree(vllm_env.model, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    job_id = submit(vllm_env, "--gpus-per-node", "1", model=str(broken))
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
+    assert state["phase"] == "FAILED"
+    assert "exited with code" in state["reason"] and "node 0 (node1)" in state["reason"]
+    assert len(state["reason"].splitlines()) > 3  # vLLM's own last lines are in the reason
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the failed job to end")
+    shown = run_cli("status", job_id)
+    assert "FAILED" in shown.stdout
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, "no process left")
+
+
+def test_every_scenario_argv_parses_with_vllms_own_parser(vllm_env):
+    from hpc_serve.launch import make_plan
+    from hpc_serve.node_args import parse_node_args
+    from hpc_serve.spec import build_spec
+    from hpc_serve.vllm_args import Runtime
+
+    rt = Runtime(node_ip="10.0.0.2", head_ip="10.0.0.1", api_port="20000", ray_port="20001",
+                 master_port="20002", dp_rpc_port="20003", ray_client_port="20004", tmp_dir="/tmp/hs-1")
+    argvs, expected = [], []
+    for path in sorted((ROOT / "sbatch").glob("*.sbatch")):
+        line = path.read_text().split("-m hpc_serve.node", 1)[1].split("\n")[0]
+        words = line.replace('"$MODEL"', "org/model").split()
+        spec = build_spec(executor="local", **parse_node_args(words))
+        for node in make_plan(spec, rt).nodes:
+            for process in node.processes:
+                if process.name == "vllm":
+                    argvs.append(list(process.argv))
+                    expected.append((spec.layout, node.rank))
+    done = subprocess.run([vllm_env.python, str(Path(__file__).parent / "parse_argv.py")],
+                          input=json.dumps(argvs), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    parsed = json.loads(done.stdout)
+    assert len(parsed) == len(argvs) >= 6
+    for values, (layout, rank) in zip(parsed, expected):
+        assert values != "rejected"
+        assert values["tensor_parallel_size"] == layout.tp and values["pipeline_parallel_size"] == layout.pp
+        assert values["data_parallel_size"] == layout.dp
+        assert values["enable_expert_parallel"] == layout.ep
+        assert values["model_tag"] == "org/model"
