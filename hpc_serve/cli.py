@@ -349,9 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except HpcServeError as exc:
         if debug:
             raise
-        print(f"error: {exc.problem}", file=sys.stderr)
-        if exc.hint:
-            print(exc.hint, file=sys.stderr)
+        exc.report()
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -16,6 +16,14 @@ class HpcServeError(Exception):
         self.problem = problem
         self.hint = hint
 
+    def report(self, prefix: str = "error") -> None:
+        """Print the problem and the fix to stderr, the way every entry point shows errors."""
+        import sys
+
+        print(f"{prefix}: {self.problem}", file=sys.stderr)
+        if self.hint:
+            print(self.hint, file=sys.stderr)
+
 
 class NotBuiltYet(HpcServeError):
     """A command that a later release fills in; says so plainly instead of pretending."""

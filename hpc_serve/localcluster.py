@@ -364,10 +364,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(_run("sinfo", "--Node", env=cluster.env).stdout, end="")
     except HpcServeError as exc:
-        print(f"error: {exc.problem}", file=sys.stderr)
-        if exc.hint:
-            print(exc.hint, file=sys.stderr)
-        return 2
+        exc.report()
+        return exc.exit_code
     return 0
 
 

@@ -224,9 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         rank, job_id, executor = _rank_and_job()
         return run(spec, rank, job_id, executor)
     except HpcServeError as exc:
-        print(f"hpc-serve node: {exc.problem}", file=sys.stderr)
-        if exc.hint:
-            print(exc.hint, file=sys.stderr)
+        exc.report("hpc-serve node")
         return exc.exit_code
 
 
