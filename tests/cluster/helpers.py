@@ -50,7 +50,10 @@ def read_state(home: Path, job_id: str) -> dict:
 
 
 def all_nodes_reported(home: Path, job_id: str, count: int) -> bool:
-    return f"all {count} nodes reported" in read_state(home, job_id).get("reason", "")
+    """Every node wrote its record and node 0 started the engine (phase LOADING)."""
+    nodes = deployment_dir(home, job_id) / "nodes"
+    reported = len(list(nodes.glob("*.json"))) if nodes.exists() else 0
+    return reported == count and read_state(home, job_id).get("phase") == "LOADING"
 
 
 def job_processes(cluster) -> dict[str, list[str]]:

@@ -101,11 +101,11 @@ def test_status_logs_and_list(cluster, home):
                                   "--tp", "8", "--launcher", "mp", "--name", "named"))
     wait_for(lambda: all_nodes_reported(home, job_id, 2), 60, "2 nodes to report")
     by_name = json.loads(run_cli("status", "named", "--json").stdout)[0]
-    assert by_name["id"] == job_id and by_name["phase"] == "STARTING"
+    assert by_name["id"] == job_id and by_name["phase"] == "LOADING"
     logs = run_cli("logs", job_id, "--node", "1")
     assert logs.returncode == 0 and "node 1: reported: node" in logs.stdout
     table = run_cli("status", env={"COLUMNS": "200"})
-    assert job_id in table.stdout and "STARTING" in table.stdout
+    assert job_id in table.stdout and "LOADING" in table.stdout
     follower = subprocess.Popen([sys.executable, "-m", "hpc_serve", "logs", job_id, "-f"],
                                 stdout=subprocess.PIPE, text=True, env=os.environ)
     cancel_and_check_clean(cluster, home, job_id)
