@@ -28,10 +28,9 @@ cluster: install
 cluster-down: install
 	$(PY) -m hpc_serve.localcluster down
 
-## demo: show what `hpc-serve submit --nodes 2 --tp 8 --pp 2` would run
+## demo: a real 2-node deployment of a tiny model on a throwaway local Slurm cluster (root)
 demo: install
-	$(VENV)/bin/hpc-serve plan Qwen/Qwen2.5-7B-Instruct --nodes 2 --tp 8 --pp 2 --gpus-per-node 8
-	$(VENV)/bin/hpc-serve render Qwen/Qwen2.5-7B-Instruct --nodes 2 --tp 8 --pp 2 --gpus-per-node 8
+	$(VENV)/bin/hpc-serve demo
 
 ## sbatch: regenerate the ready-to-run scripts in sbatch/ from templates/
 sbatch: install

@@ -249,6 +249,12 @@ def cmd_cancel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def cmd_demo(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(keep=ns.keep)
+
+
 def _not_built(command: str) -> Handler:
     def handler(ns: argparse.Namespace, vllm_args: list[str]) -> int:
         raise NotBuiltYet(command)
@@ -262,7 +268,6 @@ _LATER = {
     "endpoint": "print a deployment's endpoint",
     "tunnel": "open an SSH tunnel to a deployment",
     "smoke": "check that an endpoint serves the OpenAI API",
-    "demo": "serve a tiny model on a throwaway local Slurm cluster",
 }
 
 
@@ -312,6 +317,10 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("id", nargs="?", metavar="ID", help="job id or name")
     cancel.add_argument("--all", action="store_true", help="cancel every live deployment")
     cancel.set_defaults(handler=cmd_cancel)
+
+    demo = commands.add_parser("demo", help="serve a tiny model on 2 nodes of a throwaway local Slurm cluster (root)")
+    demo.add_argument("--keep", action="store_true", help="leave the cluster and deployment running")
+    demo.set_defaults(handler=cmd_demo)
 
     config = commands.add_parser("config", help="inspect the layered configuration")
     config_commands = config.add_subparsers(dest="config_command", metavar="COMMAND", required=True)

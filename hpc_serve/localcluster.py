@@ -64,10 +64,11 @@ def _run(*argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProces
     return done
 
 
-def _need_root() -> None:
+def require_root() -> None:
     if os.geteuid() != 0:
-        raise HpcServeError("The local test cluster needs root (network namespaces, slurmd).",
-                            "Run it as root, e.g. in a throwaway VM or container with --privileged.")
+        raise HpcServeError("The local Slurm cluster (tests, demo) needs root: it makes network namespaces "
+                            "and runs slurmd.",
+                            "Run it as root on a throwaway Debian/Ubuntu machine or VM.")
     if not shutil.which("apt-get") and not all(shutil.which(c) for c in ("slurmctld", "slurmd", "munged")):
         raise HpcServeError("The local test cluster needs Debian/Ubuntu packages (apt-get) or Slurm installed.",
                             f"Install {', '.join(PACKAGES)} by hand.")
@@ -215,7 +216,7 @@ def _wait_idle(cluster: Cluster, timeout: float = 60.0) -> None:
 
 def up(nodes: int = 2, state_dir: Path = STATE_DIR) -> Cluster:
     """Start a cluster of ``nodes`` nodes (tearing down any previous one first)."""
-    _need_root()
+    require_root()
     install_packages()
     down(state_dir)
     names = [f"node{i}" for i in range(1, nodes + 1)]

@@ -68,5 +68,11 @@ def home(cluster, monkeypatch):
     monkeypatch.setenv("HPC_SERVE_PYTHON", sys.executable)
     monkeypatch.setenv("SLURM_CONF", cluster.slurm_conf)
     yield path
+    from hpc_serve import client
+
+    try:  # also ends --executor local deployments, which no scancel reaches
+        client.cancel_all(str(path))
+    except Exception as exc:  # noqa: BLE001 - teardown must go on to scancel
+        print(f"teardown: cancel --all: {exc}")
     subprocess.run(["scancel", "--full", "--user", "root"], env=cluster.env, capture_output=True)
     wait_for(lambda: not squeue_ids(cluster), 30, "jobs to leave the queue after the test")

@@ -200,6 +200,10 @@ def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
     job_id = submitted_id(done)
     assert job_id.startswith("local-")
     wait_for(lambda: all_nodes_reported(home, job_id, 2), 60, "both local tasks to report")
+    pid = int(json.loads((deployment_dir(home, job_id) / "job.json").read_text())["slurm_job_id"])
     done = run_cli("cancel", job_id)
     assert done.returncode == 0, done.stderr
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
+    from hpc_serve.localcluster import _alive
+
+    wait_for(lambda: not _alive(pid), 15, f"the local job's controller (pid {pid}) to end")

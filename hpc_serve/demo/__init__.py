@@ -1,0 +1,86 @@
+"""`hpc-serve demo`: the whole path on one machine, with nothing to prepare.
+
+Starts a throwaway 2-node Slurm cluster (hpc_serve.localcluster), installs vLLM's CPU build and
+makes a tiny model offline (once per machine), submits a real 2-node deployment of it (PP=2,
+vLLM's mp launcher), waits until it serves, sends a chat request, prints the endpoint, and tears
+everything down (or keeps it with --keep). Needs root and Debian/Ubuntu packages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.request
+
+from ..errors import HpcServeError
+
+READY_TIMEOUT_S = 900.0
+
+
+def _say(message: str) -> None:
+    print(f"demo: {message}", flush=True)
+
+
+def _chat(url: str, model: str) -> tuple[str, float]:
+    body = json.dumps({"model": model, "max_tokens": 12,
+                       "messages": [{"role": "user", "content": "Say hello to the cluster."}]}).encode()
+    request = urllib.request.Request(f"{url}/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return answer["choices"][0]["message"]["content"], time.perf_counter() - start
+
+
+def run_demo(keep: bool = False) -> int:
+    """Run the demo; returns the exit code."""
+    from .. import client, localcluster
+    from ..registry import TERMINAL
+    from ..spec import build_spec
+    from ..submit import submit
+    from .vllm_env import ensure_vllm_env
+
+    localcluster.require_root()
+    env = ensure_vllm_env(_say)
+    _say("starting a throwaway 2-node Slurm cluster (network namespaces, 1 fake GPU used per node)")
+    cluster = localcluster.up(nodes=2)
+    os.environ["SLURM_CONF"] = cluster.slurm_conf
+    home = os.path.join(cluster.shared_dir, "demo-home")
+    try:
+        spec = build_spec(model=env.model, nodes=2, gpus_per_node=1, pp=2, launcher="mp", name="demo",
+                          engine_cmd=env.engine_cmd, env=["VLLM_CPU_KVCACHE_SPACE=1"],
+                          vllm_args=["--max-model-len", "512"], home=home)
+        dep = submit(spec)
+        _say(f"submitted job {dep.id}: hpc-serve submit {env.model} --nodes 2 --pp 2 --launcher mp")
+        start, seen = time.monotonic(), ""
+        while True:
+            state = dep.state
+            line = f"{state.get('phase', 'PENDING')}: {state.get('reason', '')}"
+            if line != seen:
+                _say(f"[{time.monotonic() - start:5.1f} s] {line.splitlines()[0]}")
+                seen = line
+            if state.get("phase") == "READY":
+                break
+            if state.get("phase") in TERMINAL:
+                raise HpcServeError(f"The demo deployment ended {state['phase']}: {state.get('reason')}",
+                                    f"Its logs: {dep.path}/logs")
+            if time.monotonic() - start > READY_TIMEOUT_S:
+                raise HpcServeError(f"Not READY after {READY_TIMEOUT_S:.0f} s.", f"Its logs: {dep.path}/logs")
+            time.sleep(0.5)
+        endpoint = dep.read("endpoint.json")
+        reply, seconds = _chat(endpoint["url"], endpoint["served_model"])
+        _say(f"endpoint {endpoint['url']} (on {endpoint['hostname']}), model {endpoint['served_model']}")
+        _say(f"chat reply in {seconds:.2f} s (a random tiny model, so gibberish): {reply!r}")
+        if keep:
+            _say(f"kept running. Try: curl {endpoint['url']}/models")
+            _say(f"then: SLURM_CONF={cluster.slurm_conf} HPC_SERVE_HOME={home} hpc-serve cancel {dep.id}; "
+                 "python -m hpc_serve.localcluster down")
+            return 0
+        client.cancel(dep.id, home)
+        _say("cancelled the deployment")
+        return 0
+    finally:
+        if not keep:
+            localcluster.down()
+            _say("cluster removed (python -m hpc_serve.localcluster down)")
