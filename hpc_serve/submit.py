@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import re
+import shlex
 import time
 
 from .errors import HpcServeError
@@ -28,13 +29,7 @@ def _setup_lines(spec: DeploymentSpec, root: str) -> list[str]:
     from .script import render_template
 
     text = render_template("partials/setup.j2", spec=spec)
-    return [f"export HPC_SERVE_HOME={_quote(root)}", *text.splitlines()]
-
-
-def _quote(value: str) -> str:
-    import shlex
-
-    return shlex.quote(value)
+    return [f"export HPC_SERVE_HOME={shlex.quote(root)}", *text.splitlines()]
 
 
 def _sbatch_reason(message: str) -> str:
