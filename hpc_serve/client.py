@@ -155,20 +155,25 @@ def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5
     yield from lines
     position = os.path.getsize(path)
     gone_since: float | None = None
+    ending = False
     while True:
         with open(path, encoding="utf-8", errors="replace") as handle:
             handle.seek(position)
             chunk = handle.read()
             position = handle.tell()
         yield from chunk.splitlines()
+        if ending:  # the read after the end was seen: lines written meanwhile are shown too
+            return
         if not chunk:
             row = status(key, home)
             if row.phase in TERMINAL:
-                return
+                ending = True
+                continue
             if not row.live:  # the job left the queue; its agents may still be writing
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > AGENT_GRACE_S:
-                    return
+                    ending = True
+                    continue
         time.sleep(poll_s)
 
 
