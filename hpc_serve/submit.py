@@ -93,6 +93,7 @@ def submit(spec: DeploymentSpec) -> Deployment:
     executor = _executor(spec, registry.root)
     from .node import run_task
 
+    asked_at = time.time()
     try:
         # submitit echoes sbatch's stderr on failure; the reason is reported once, below.
         with contextlib.redirect_stderr(io.StringIO()), _detached_output(spec.executor == "local"):
@@ -103,7 +104,12 @@ def submit(spec: DeploymentSpec) -> Deployment:
         raise HpcServeError(f"Slurm refused the job: {_sbatch_reason(str(exc))}",
                             "Check --partition, --nodes and --gpus-per-node against 'sinfo'.") from None
     job_id = str(job.job_id) if spec.executor == "slurm" else f"local-{job.job_id}"
-    dep = registry.deployment(job_id).ensure()
+    dep = registry.deployment(job_id)
+    if os.path.isdir(dep.path) and (dep.read("nodes/0.json", {}) or {}).get("started", 0) < asked_at:
+        # A folder for a job id Slurm just handed out, with no agent of this job in it, is left
+        # from an earlier life of the cluster (job ids restart): keep it, but out of the way.
+        os.rename(dep.path, os.path.join(registry.root, "deployments", f".stale-{job_id}-{int(time.time())}"))
+    dep.ensure()
     dep.write("spec.json", spec.to_dict())
     dep.write("plan.json", make_plan(spec).to_dict())
     dep.write("job.json", {"job_id": job_id, "slurm_job_id": str(job.job_id), "executor": spec.executor,

@@ -46,7 +46,7 @@ def run_demo(keep: bool = False) -> int:
     _say("starting a throwaway 2-node Slurm cluster (network namespaces, 1 fake GPU used per node)")
     cluster = localcluster.up(nodes=2)
     os.environ["SLURM_CONF"] = cluster.slurm_conf
-    home = os.path.join(cluster.shared_dir, "demo-home")
+    home = os.path.join(cluster.shared_dir, f"demo-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         spec = build_spec(model=env.model, nodes=2, gpus_per_node=1, pp=2, launcher="mp", name="demo",
                           engine_cmd=env.engine_cmd, env=["VLLM_CPU_KVCACHE_SPACE=1"],

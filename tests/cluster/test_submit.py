@@ -207,3 +207,21 @@ def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
     from hpc_serve.localcluster import _alive
 
     wait_for(lambda: not _alive(pid), 15, f"the local job's controller (pid {pid}) to end")
+
+
+def test_a_stale_folder_for_a_reused_job_id_is_moved_aside(cluster, home):
+    """Job ids restart when a cluster is rebuilt: an old record must not pass for the new job."""
+    first = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    assert run_cli("cancel", first).returncode == 0
+    reused = str(int(first) + 1)  # Slurm hands out the next id to the next job
+    stale = deployment_dir(home, reused)
+    (stale / "nodes").mkdir(parents=True)
+    (stale / "state.json").write_text(json.dumps({"phase": "STOPPED", "reason": "an old life"}))
+    (stale / "nodes" / "0.json").write_text(json.dumps({"rank": 0, "started": 1.0}))
+    job_id = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    assert job_id == reused
+    wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the new job's node to report")
+    assert "an old life" not in json.dumps(read_state(home, job_id))
+    kept = list((home / "deployments").glob(f".stale-{reused}-*"))
+    assert len(kept) == 1 and "an old life" in (kept[0] / "state.json").read_text()
+    cancel_and_check_clean(cluster, home, job_id)
