@@ -131,3 +131,37 @@ def test_every_scenario_argv_parses_with_vllms_own_parser(vllm_env):
         assert values["data_parallel_size"] == layout.dp
         assert values["enable_expert_parallel"] == layout.ep
         assert values["model_tag"] == "org/model"
+
+
+def test_tensor_parallel_across_two_nodes(cluster, home, vllm_env):
+    openai = pytest.importorskip("openai")
+    job_id = submit(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--tp", "2", "--cross-node-tp",
+                    "--launcher", "mp")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY", state["reason"]
+    follower_log = (deployment_dir(home, job_id) / "logs" / "node-1.log").read_text()
+    assert "--tensor-parallel-size 2" in follower_log and "--headless" in follower_log
+    client = openai.OpenAI(base_url=endpoint(job_id), api_key="unused")
+    assert client.completions.create(model=vllm_env.model, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
+    cancel_clean(cluster, home, job_id, 2)
+
+
+def test_data_parallel_across_two_nodes_serves_on_both_engines(cluster, home, vllm_env):
+    openai = pytest.importorskip("openai")
+    import urllib.request
+
+    job_id = submit(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--dp", "2", "--launcher", "mp")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY", state["reason"]
+    url = endpoint(job_id)
+    client = openai.OpenAI(base_url=url, api_key="unused")
+    for index in range(12):
+        client.completions.create(model=vllm_env.model, prompt=f"Hello {index}", max_tokens=2)
+    metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    served = {}
+    for line in metrics.splitlines():
+        if line.startswith("vllm:request_success_total{") and 'engine="' in line:
+            engine = line.split('engine="')[1].split('"')[0]
+            served[engine] = served.get(engine, 0) + float(line.rsplit(" ", 1)[1])
+    assert len(served) == 2 and all(count > 0 for count in served.values()), served
+    cancel_clean(cluster, home, job_id, 2)
