@@ -58,7 +58,8 @@ def one_submit(env: dict) -> float:
 
 def one_sbatch(script: Path, env: dict) -> float:
     start = time.perf_counter()
-    done = subprocess.run(["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(["sbatch", "--parsable", str(script)], env=env, cwd=script.parent,
+                          capture_output=True, text=True, check=True)
     return until_running(start, done.stdout.strip(), env)
 
 
