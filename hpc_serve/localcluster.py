@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -315,6 +316,12 @@ def down(state_dir: Path = STATE_DIR) -> None:
             _run("ip", "netns", "delete", ns, check=False)
     if shutil.which("ip"):
         _run("ip", "link", "delete", BRIDGE, check=False)
+        # A deleted namespace's veth pair goes away asynchronously: delete our ends now, so that
+        # an `up` right after this finds the names free.
+        links = _run("ip", "-o", "link", check=False).stdout.splitlines()
+        for name in {line.split(":")[1].strip().split("@")[0] for line in links if ":" in line}:
+            if re.fullmatch(r"hsv\d+", name):
+                _run("ip", "link", "delete", name, check=False)
     deadline = time.monotonic() + 10
     while daemon_pids() and time.monotonic() < deadline:  # SIGKILL is sent; wait for it to land
         time.sleep(0.05)
