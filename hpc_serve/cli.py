@@ -49,6 +49,7 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--env",), "env", "list", "KEY=VALUE for the job (repeatable; never secrets)"),
         (("--container",), "container", "str", "Apptainer .sif file, or Enroot/Pyxis image"),
         (("--engine-cmd",), "engine_cmd", "str", "engine command (default 'vllm serve')"),
+        (("--ray-cmd",), "ray_cmd", "str", "Ray's command for the Ray launcher (default 'ray')"),
         (("--port",), "port", "int", "API port (default: derived from the job id)"),
         (("--executor",), "executor", "str", "slurm (default) or local"),
         (("--profile",), "profile", "str", "named profile from your config"),
@@ -179,16 +180,39 @@ def cmd_submit(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from .submit import submit
 
     options, profile = _spec_options(ns, vllm_args)
-    spec, _ = resolve(profile=profile, **options)
+    spec, settings = resolve(profile=profile, **options)
     _warn(spec.warnings)
     dep = submit(spec)
     print(f"submitted {dep.id} ({spec.name}): {spec.model} on {spec.layout.nodes} node(s)")
     print(f"registry: {dep.path}")
-    print(f"follow it with: hpc-serve status {dep.id}   |   hpc-serve logs {dep.id} -f")
-    if not ns.no_wait:
-        print("note: waiting for readiness comes with the engine; this version returns once submitted.",
-              file=sys.stderr)
+    print(f"follow it with: hpc-serve status {dep.id}   |   hpc-serve logs {dep.id} -f", flush=True)
+    if ns.no_wait:
+        return 0
+    return _wait(dep, None, ns.timeout, settings.values.get("login_host"))
+
+
+def _wait(target, home: str | None, timeout_s: float | None, login_host: str | None) -> int:
+    from .wait_view import print_connect, wait_with_view
+
+    try:
+        status = wait_with_view(target, home, timeout_s)
+    except KeyboardInterrupt:
+        key = getattr(target, "id", target)
+        print(f"stopped waiting; deployment {key} keeps running: hpc-serve wait {key} | "
+              f"hpc-serve cancel {key}", file=sys.stderr)
+        return 130
+    from .registry import Deployment, Registry, registry_root
+
+    dep = target if isinstance(target, Deployment) else Registry(registry_root(home)).deployment(status.id)
+    print_connect(dep, login_host)
     return 0
+
+
+def cmd_wait(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from .settings import resolve_settings
+
+    login_host = resolve_settings({}, profile=None).values.get("login_host")
+    return _wait(ns.id, _home(), ns.timeout, login_host)
 
 
 def _status_table(rows) -> None:
@@ -196,13 +220,16 @@ def _status_table(rows) -> None:
     header = ("ID", "NAME", "MODEL", "LAYOUT", "SLURM", "PHASE", "ENDPOINT", "AGE")
     lines = [header]
     for row in rows:
-        # one deployment: the phase with its reason; many: the phase alone
-        phase = row.phase + (f": {row.reason}" if row.reason and len(rows) == 1 else "")
+        # one deployment: the phase with its reason's first line; many: the phase alone
+        first, _, _rest = row.reason.partition("\n")
+        phase = row.phase + (f": {first}" if first and len(rows) == 1 else "")
         lines.append((row.id, row.name, row.model, row.layout, row.slurm_state,
                       row.problem or phase, row.endpoint or "-", _age(row.age_s)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
+    if len(rows) == 1 and "\n" in rows[0].reason:
+        print("\n" + "\n".join("  " + line for line in rows[0].reason.splitlines()[1:]))
 
 
 def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:
@@ -264,7 +291,6 @@ def _not_built(command: str) -> Handler:
 
 # Commands that later releases fill in: they exist so that scripts see the contract, and say so.
 _LATER = {
-    "wait": "wait until a deployment is ready",
     "endpoint": "print a deployment's endpoint",
     "tunnel": "open an SSH tunnel to a deployment",
     "smoke": "check that an endpoint serves the OpenAI API",
@@ -294,7 +320,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="submit a deployment (submitit; Slurm or --executor local)")
     _add_spec_options(submit)
     submit.add_argument("--no-wait", action="store_true", help="return once the job is submitted")
+    submit.add_argument("--timeout", type=float, metavar="SECONDS",
+                        help="give up waiting this long after the job starts running (queue time not counted)")
     submit.set_defaults(handler=cmd_submit)
+
+    wait = commands.add_parser("wait", help="wait until a deployment is READY (exit 1 if it ends first)")
+    wait.add_argument("id", metavar="ID", help="job id or name")
+    wait.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="give up this long after the job starts running (queue time not counted)")
+    wait.set_defaults(handler=cmd_wait)
 
     for name, help_text in (("status", "show deployments (live ones, or one by ID)"),
                             ("list", "list deployments")):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -24,6 +25,8 @@ from .vllm_args import Runtime
 
 #: /dev/shm files vLLM and torch leave behind when killed (see docs/engine.md).
 SHM_PATTERNS = ("psm_*", "sem.mp-*", "vllm*")
+#: The environment variable that marks every process a node agent starts.
+MARKER = "HPC_SERVE_PROCESS"
 
 
 def job_number(job_id: str) -> int:
@@ -53,12 +56,15 @@ def busy_ports(ip: str, ports: list[int]) -> list[int]:
 
 
 class EngineProcess:
-    """One planned process, in its own session, its output appended to ``log_path``."""
+    """One planned process, in its own session, its output appended to ``log_path``.
 
-    def __init__(self, process: Process, log_path: str, tmp_dir: str) -> None:
-        self.process, self.log_path, self.tmp_dir = process, log_path, tmp_dir
+    ``marker`` (deployment and rank) is put in its environment, which every descendant inherits:
+    :meth:`stop` ends what left the process group too (Ray's workers start their own).
+    """
+
+    def __init__(self, process: Process, log_path: str, tmp_dir: str, marker: str) -> None:
+        self.process, self.log_path, self.tmp_dir, self.marker = process, log_path, tmp_dir, marker
         self.popen: subprocess.Popen | None = None
-        self.shm_before = set(_shm_files())
 
     def start(self) -> None:
         for sub in ("vllm-cache", "inductor", "tmp"):
@@ -66,7 +72,7 @@ class EngineProcess:
         env = {**os.environ, **dict(self.process.env),
                "VLLM_CACHE_ROOT": os.path.join(self.tmp_dir, "vllm-cache"),
                "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.tmp_dir, "inductor"),
-               "TMPDIR": os.path.join(self.tmp_dir, "tmp"),
+               "TMPDIR": os.path.join(self.tmp_dir, "tmp"), MARKER: self.marker,
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -83,7 +89,7 @@ class EngineProcess:
         return None if self.popen is None else self.popen.poll()
 
     def stop(self, grace_s: float = 3.0) -> None:
-        """SIGTERM the whole process group, SIGKILL what is left after ``grace_s``; clean up."""
+        """SIGTERM the process group, SIGKILL what is left after ``grace_s`` (marked strays too)."""
         if self.popen is not None and self.popen.poll() is None:
             _signal_group(self.popen.pid, signal.SIGTERM)
             try:
@@ -96,13 +102,45 @@ class EngineProcess:
                 self.popen.wait(2)
             except subprocess.TimeoutExpired:
                 pass
-        for path in set(_shm_files()) - self.shm_before:
+        for pid in marked_pids(self.marker):
             try:
-                if os.stat(path).st_uid == os.getuid():
-                    os.unlink(path)
+                os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Our own processes whose environment carries ``marker``."""
+    needle = f"\0{MARKER}={marker}\0".encode()
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid != os.getuid():
+                continue
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if needle in b"\0" + handle.read() + b"\0":
+                    pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
+def shm_files() -> set[str]:
+    """/dev/shm files of the kinds vLLM and torch leave behind."""
+    return {path for pattern in SHM_PATTERNS for path in glob.glob(os.path.join("/dev/shm", pattern))}
+
+
+def clean_node(tmp_dir: str, shm_before: set[str]) -> None:
+    """Remove the deployment's temp dir and the /dev/shm files our processes left."""
+    for path in shm_files() - shm_before:
+        try:
+            if os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+        except OSError:
+            pass
+    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -112,10 +150,6 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
-def _shm_files() -> list[str]:
-    return [path for pattern in SHM_PATTERNS for path in glob.glob(os.path.join("/dev/shm", pattern))]
-
-
 def tail(path: str, lines: int = 12) -> str:
     """The last ``lines`` lines of a log, joined, for failure reasons."""
     try:
@@ -123,6 +157,31 @@ def tail(path: str, lines: int = 12) -> str:
             return "\n".join(line.rstrip() for line in deque(handle, maxlen=lines))
     except OSError:
         return "(no log)"
+
+
+_LOG_PREFIX = re.compile(r"^\([^)]*\)\s+[A-Z]+\s+\S+\s+\S+\s+\[[^\]]*\]\s?")
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit): \S.*$")
+
+
+def root_error(path: str, lines: int = 400) -> str | None:
+    """The first exception line ("ValueError: ...") among a log's last lines: the root cause."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            recent = deque(handle, maxlen=lines)
+    except OSError:
+        return None
+    for line in recent:
+        text = _LOG_PREFIX.sub("", line.strip())
+        if _EXCEPTION.match(text):
+            return text
+    return None
+
+
+def exit_reason(what: str, where: str, code: int, log_path: str) -> str:
+    """One line naming the process, its exit code and root error; then its last lines."""
+    error = root_error(log_path)
+    head = f"{what} on {where} exited with code {code}" + (f": {error}" if error else "")
+    return f"{head}\nlast lines of its log:\n{tail(log_path, 8)}"
 
 
 def _get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:

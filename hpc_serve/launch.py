@@ -64,7 +64,8 @@ def _processes(spec: DeploymentSpec, rank: int, rt: Runtime) -> tuple[Process, .
     host_env = (("VLLM_HOST_IP", rt.node_ip),)
     processes: list[Process] = []
     if lay.launcher == "ray":
-        processes.append(Process("ray", tuple(ray_argv(rank, lay.gpus_per_node, rt)), host_env))
+        processes.append(Process("ray", tuple(ray_argv(rank, lay.gpus_per_node, rt, spec.ray_cmd)),
+                                 host_env))
     argv = engine_argv(spec, rank, rt)
     if argv is not None:
         env = host_env + spec.env

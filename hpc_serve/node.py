@@ -4,9 +4,10 @@ Stdlib only. Each node records who it is (hostname, IP, Slurm node id, GPUs) in 
 rank 0 also writes the deployment's spec, plan and state and waits until every node has
 reported (naming the ones that did not). With the mp launcher every node then runs its vLLM
 process; rank 0 marks LOADING, then READY once /health answers and /v1/models lists the model,
-publishes the endpoint, and turns any node's vLLM exit into FAILED with its last lines. Cancel and
-the time-limit signal stop vLLM and record STOPPED or TIMEOUT. The Ray launcher's engine is not
-built yet: its agents hold the allocation and say so.
+publishes the endpoint, and turns any node's vLLM exit into FAILED with its last lines. With the
+Ray launcher rank 0 first starts the Ray head, publishes its address, and waits until every node
+and GPU joined (naming the ones that did not); the workers join once the address is published.
+Cancel and the time-limit signal stop vLLM (then Ray) and record STOPPED or TIMEOUT.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -22,12 +24,16 @@ from typing import Any
 from .errors import HpcServeError
 from .launch import make_plan
 from .node_args import parse_node_args
-from .registry import Deployment, Registry, create_json, registry_root
+from .registry import TERMINAL, Deployment, Registry, create_json, registry_root
 from .spec import DeploymentSpec, build_spec
 
 JOIN_TIMEOUT_S = float(os.environ.get("HPC_SERVE_JOIN_TIMEOUT", "120"))
 _END_SIGNALS = {signal.SIGTERM: "STOPPED", signal.SIGINT: "STOPPED",
                 signal.SIGUSR1: "TIMEOUT", signal.SIGUSR2: "TIMEOUT"}
+
+
+class DeploymentFailed(RuntimeError):
+    """Raised by the submitit task so that the task exits non-zero and Slurm ends the job."""
 
 
 class NodeLog:
@@ -95,6 +101,9 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
 
     identity = node_identity(rank)
     dep.write(f"nodes/{rank}.json", identity)
+    _mark(dep, rank, "agent_start", at=identity["started"])
+    if rank == 0 and os.environ.get("HPC_SERVE_JOB_START"):
+        _mark(dep, rank, "job_start", at=float(os.environ["HPC_SERVE_JOB_START"]))
     log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}")
     if rank == 0:
         create_json(dep.file("spec.json"), spec.to_dict())
@@ -105,14 +114,7 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
         missing = _wait_for_nodes(dep, spec.layout.nodes, log, stop)
         if missing:
             return _fail(dep, log, f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
-    code = 0
-    if spec.layout.launcher == "mp" and not stop.is_set():
-        code = _serve_mp(spec, dep, rank, job_id, identity, log, stop)
-    elif rank == 0 and not stop.is_set():
-        dep.set_phase("STARTING", f"all {spec.layout.nodes} nodes reported (the Ray launcher's "
-                      "engine is not built in this version; holding the allocation)")
-    while code == 0 and not stop.is_set():
-        stop.wait(1.0)
+    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop)
     if stop.is_set():
         log(f"received {ended.get('signal', 'stop')}: ending")
     if rank == 0 and dep.phase != "FAILED":
@@ -134,22 +136,33 @@ def _failed_nodes(dep: Deployment) -> list[str]:
     return [record["failed"] for record in dep.nodes().values() if record.get("failed")]
 
 
-def _serve_mp(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
-              log: NodeLog, stop: threading.Event) -> int:
-    """vLLM's native multi-node launcher: every node runs its own vllm process."""
-    from .engine import EngineProcess, busy_ports, make_runtime, serves, tail, wait_until
-    from .launch import node_plan
+def _head_identity(dep: Deployment, rank: int, identity: dict, stop: threading.Event) -> dict | None:
+    from .engine import wait_until
+
+    if rank == 0:
+        return identity
+    wait_until(lambda: 0 in dep.nodes(), JOIN_TIMEOUT_S, stop=stop)
+    return dep.nodes().get(0)
+
+
+def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
+    """Slurm's GPU count on this node, when it has one, must be what the layout plans."""
+    given = identity.get("slurm_gpus_on_node") or ""
+    if given.isdigit() and int(given) != spec.layout.gpus_per_node:
+        return (f"Slurm gave {identity['hostname']} {given} GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{identity.get('cuda_visible_devices')}) but the layout needs "
+                f"{spec.layout.gpus_per_node} per node: resubmit with --gpus-per-node {given}")
+    return None
+
+
+def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
+           log: NodeLog, stop: threading.Event) -> int:
+    """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
+    from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, serves,
+                         shm_files)
+    from .launch import Process, node_plan
     from .vllm_args import served_model_name
 
-    head = identity if rank == 0 else None
-    if head is None:
-        wait_until(lambda: 0 in dep.nodes(), JOIN_TIMEOUT_S, stop=stop)
-        head = dep.nodes().get(0)
-        if head is None:
-            log("node 0 never reported; ending")
-            return 1
-    rt = make_runtime(job_id, identity["ip"], head["ip"], spec.port)
-    plan = node_plan(spec, rank, rt)
     where = f"node {rank} ({identity['hostname']})"
 
     def fail(reason: str) -> int:
@@ -159,42 +172,164 @@ def _serve_mp(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, ide
         log(reason)
         return 1
 
+    mismatch = _gres_mismatch(spec, identity)
+    if mismatch:
+        return fail(mismatch)
+    head = _head_identity(dep, rank, identity, stop)
+    if head is None:
+        log("node 0 never reported; ending")
+        return 1
+    rt = make_runtime(job_id, identity["ip"], head["ip"], spec.port)
+    plan = node_plan(spec, rank, rt)
+    lay = spec.layout
+    extra_env: tuple[tuple[str, str], ...] = ()
+    if lay.launcher == "ray":
+        from .ray_cluster import auth_env, write_token
+
+        extra_env = auth_env(dep.file("ray_token"))
+        if rank == 0:
+            write_token(dep.file("ray_token"))
     if rank == 0:
-        wanted = [int(rt.api_port)] + ([int(rt.master_port)] if spec.layout.nodes > 1 else [])
+        wanted = [int(rt.api_port)]
+        wanted += [int(rt.ray_port), int(rt.ray_client_port)] if lay.launcher == "ray" else []
+        wanted += [int(rt.master_port)] if lay.launcher == "mp" and lay.nodes > 1 else []
         busy = busy_ports(rt.node_ip, wanted)
         if busy:
             return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
-    engine = EngineProcess(plan.processes[-1], dep.log_path(rank), rt.tmp_dir)
-    try:
-        engine.start()
-    except RuntimeError as exc:
-        return fail(f"{where}: {exc}")
-    log(f"started vLLM (pid {engine.popen.pid}): {' '.join(plan.processes[-1].argv)}")
     url, model = f"http://{rt.node_ip}:{rt.api_port}", served_model_name(spec.model, spec.vllm_args)
-    if rank == 0:
-        dep.set_phase("LOADING", f"vLLM starting on {spec.layout.nodes} node(s)")
+    shm_before = shm_files()
+    engines: list[EngineProcess] = []
     ready = False
     try:
+        for planned in plan.processes:
+            if planned.name == "ray" and rank > 0 and not _wait_for_ray_head(dep, stop):
+                return 0 if stop.is_set() or dep.phase in TERMINAL else \
+                    fail(f"{where}: the Ray head never came up within {JOIN_TIMEOUT_S:.0f} s")
+            process = Process(planned.name, planned.argv, planned.env + extra_env)
+            engine = EngineProcess(process, dep.log_path(rank), rt.tmp_dir, f"{job_id}/{rank}")
+            try:
+                engine.start()
+            except RuntimeError as exc:
+                return fail(f"{where}: {exc}")
+            engines.append(engine)
+            log(f"started {planned.name} (pid {engine.popen.pid}): {' '.join(planned.argv)}")
+            _mark(dep, rank, f"{planned.name}_started")
+            if planned.name == "ray" and rank == 0:
+                reason = _form_ray(spec, dep, rt, engine, log, stop)
+                if reason:
+                    return fail(reason)
+        if rank == 0 and not stop.is_set():
+            dep.set_phase("LOADING", f"vLLM starting on {lay.nodes} node(s)")
         while not stop.is_set():
-            if engine.exit_code is not None:
-                return fail(f"vLLM on {where} exited with code {engine.exit_code}; its last lines:\n"
-                            f"{tail(dep.log_path(rank))}")
+            for engine in engines:
+                if engine.exit_code is not None:
+                    return fail(exit_reason(engine.process.name, where, engine.exit_code,
+                                            dep.log_path(rank)))
             if rank == 0:
                 failed = _failed_nodes(dep)
                 if failed:
                     return _fail(dep, log, failed[0])
                 if not ready and serves(url, model):
                     ready = True
+                    _mark(dep, rank, "ready")
                     dep.write("endpoint.json", {"url": f"{url}/v1", "base": url, "host": rt.node_ip,
                                                 "hostname": identity["hostname"], "port": int(rt.api_port),
                                                 "model": spec.model, "served_model": model})
                     dep.set_phase("READY", f"{url}/v1")
                     log(f"READY at {url}/v1 (model {model})")
-            stop.wait(1.0 if ready else 0.1)
+                    _publish_comment(job_id, f"{url}/v1", log)
+            stop.wait(1.0 if ready or rank > 0 else 0.1)
     finally:
-        engine.stop()
-        log("vLLM stopped; its temp files removed")
+        if engines:
+            log("stopping " + ", ".join(e.process.name for e in reversed(engines)))
+        for engine in reversed(engines):  # Ray holds no state: 1 s, so all ends within KillWait
+            engine.stop(grace_s=1.0 if engine.process.name == "ray" else 3.0)
+        clean_node(rt.tmp_dir, shm_before)
+        if engines:
+            log("stopped; temp files removed")
     return 0
+
+
+def _wait_for_ray_head(dep: Deployment, stop: threading.Event) -> bool:
+    """A worker waits until rank 0 has published the Ray head (False: it never did)."""
+    from .engine import wait_until
+
+    return wait_until(lambda: dep.read("ray.json") is not None or dep.phase in TERMINAL,
+                      JOIN_TIMEOUT_S, stop=stop) and dep.read("ray.json") is not None
+
+
+def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
+              stop: threading.Event) -> str | None:
+    """Rank 0: wait for the head's port, publish it, and wait until every node and GPU joined."""
+    from .engine import exit_reason, wait_until
+    from .ray_cluster import ClusterProbe, auth_env, port_open, ray_python, wait_formed
+
+    lay, address = spec.layout, f"{rt.node_ip}:{rt.ray_port}"
+    up = wait_until(lambda: head.exit_code is not None or port_open(rt.node_ip, int(rt.ray_port)),
+                    JOIN_TIMEOUT_S, stop=stop)
+    if stop.is_set():
+        return None
+    if head.exit_code is not None:
+        return exit_reason("the Ray head", "node 0", head.exit_code, dep.log_path(0))
+    if not up:
+        return f"the Ray head did not open {address} within {JOIN_TIMEOUT_S:.0f} s"
+    dep.write("ray.json", {"address": address})
+    _mark(dep, 0, "ray_head_up")
+    want_gpus = lay.nodes * lay.gpus_per_node
+    dep.set_phase("STARTING", f"Ray head up at {address}; 1/{lay.nodes} nodes")
+    nodes = dep.nodes()
+    want = {record["ip"]: lay.gpus_per_node for record in nodes.values()}
+
+    def on_change(formation) -> None:
+        text = formation.describe(lay.nodes, want_gpus)
+        dep.set_phase("STARTING", text)
+        log(text)
+
+    env = {**os.environ, **dict(auth_env(dep.file("ray_token")))}
+    probe = ClusterProbe(ray_python(spec.ray_cmd), address, env, dep.log_path(0))
+    try:
+        formation = wait_formed(probe, want, JOIN_TIMEOUT_S, on_change,
+                                lambda: head.exit_code is None, stop)
+    finally:
+        probe.close()
+    if formation.complete:
+        _mark(dep, 0, "ray_formed")
+        return None
+    if stop.is_set():
+        return None
+    if probe.popen.returncode not in (None, -9):
+        return exit_reason("the Ray probe (ray's Python, from --ray-cmd)", "node 0",
+                           probe.popen.returncode, dep.log_path(0))
+    if head.exit_code is not None:
+        return exit_reason("the Ray head", "node 0", head.exit_code, dep.log_path(0))
+    missing = [f"{record['hostname']} ({record['ip']})" for record in nodes.values()
+               if formation.nodes.get(record["ip"], 0) < lay.gpus_per_node]
+    return (f"Ray did not form within {JOIN_TIMEOUT_S:.0f} s: "
+            f"{formation.describe(lay.nodes, want_gpus)}; missing: {', '.join(missing)}")
+
+
+def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:
+    """Put the endpoint in the job's comment, so that `squeue -o %k` shows it."""
+    from .slurm import which
+
+    scontrol = which("scontrol")
+    if not job_id.isdigit() or scontrol is None:
+        return
+    try:
+        done = subprocess.run([scontrol, "update", f"JobId={job_id}", f"Comment={url}"],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"could not set the job comment: {exc}")
+        return
+    if done.returncode != 0:
+        log(f"could not set the job comment: {done.stderr.strip()}")
+
+
+def _mark(dep: Deployment, rank: int, event: str, at: float | None = None) -> None:
+    """Record when ``event`` happened on node ``rank`` (the benchmarks read these)."""
+    path = f"timings/{rank}.json"
+    os.makedirs(dep.file("timings"), mode=0o700, exist_ok=True)
+    dep.write(path, {**(dep.read(path, {}) or {}), event: time.time() if at is None else at})
 
 
 def _rank_and_job() -> tuple[int, str, str]:
@@ -213,7 +348,11 @@ def run_task(model: str, node_args: list[str], home: str) -> int:
                          "executor": "local"})
     executor = "local" if job_env.cluster == "local" else "slurm"
     job_id = str(job_env.job_id) if executor == "slurm" else f"local-{job_env.job_id}"
-    return run(spec, job_env.global_rank, job_id, executor)
+    code = run(spec, job_env.global_rank, job_id, executor)
+    if code:  # a non-zero task exit is what makes srun --kill-on-bad-exit end the other nodes
+        raise DeploymentFailed(f"deployment {job_id} failed on node {job_env.global_rank}: "
+                               f"see hpc-serve status {job_id}")
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

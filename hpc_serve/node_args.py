@@ -23,6 +23,8 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--all2all-backend", spec.all2all_backend]
     if spec.engine_cmd != "vllm serve":
         args += ["--engine-cmd", spec.engine_cmd]
+    if spec.ray_cmd != "ray" and lay.launcher == "ray":
+        args += ["--ray-cmd", spec.ray_cmd]
     if spec.port is not None:
         args += ["--port", str(spec.port)]
     if spec.vllm_args:
@@ -41,6 +43,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cross-node-tp", action="store_true")
     p.add_argument("--all2all-backend", default="allgather_reducescatter")
     p.add_argument("--engine-cmd", default="vllm serve")
+    p.add_argument("--ray-cmd", default="ray")
     p.add_argument("vllm_args", nargs="*")
     return p
 

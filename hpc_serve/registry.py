@@ -153,6 +153,17 @@ class Deployment:
     def log_path(self, rank: int) -> str:
         return self.file("logs", f"node-{rank}.log")
 
+    def wait_ready(self, timeout_s: float | None = None, on_update=None):
+        """Block until READY (see hpc_serve.waiting.wait_ready); returns a DeploymentStatus."""
+        from .waiting import wait_ready
+
+        return wait_ready(self, timeout_s=timeout_s, on_update=on_update)
+
+    @property
+    def endpoint(self) -> dict:
+        """The published endpoint (url, host, port, model, served_model), or {} before READY."""
+        return self.read("endpoint.json", {}) or {}
+
 
 class Registry:
     """All deployments under one root."""

@@ -19,7 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "all2all_backend": "allgather_reducescatter", "partition": None, "account": None,
     "qos": None, "time": None, "constraint": None, "exclusive": False, "cpus_per_node": None,
     "mem": None, "name": "hpc-serve", "env": [], "setup": [], "container": None,
-    "engine_cmd": "vllm serve", "vllm_args": [], "port": None, "executor": "slurm",
+    "engine_cmd": "vllm serve", "ray_cmd": "ray", "vllm_args": [], "port": None, "executor": "slurm",
     "home": "~/.hpc-serve", "python": "python3", "login_host": None,
 }
 FALLBACK_GPUS_PER_NODE = 8

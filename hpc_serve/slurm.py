@@ -64,6 +64,24 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     return states
 
 
+def queue_position(job_id: str) -> int | None:
+    """1 for the pending job Slurm will start next in ``job_id``'s partition, 2 after it, ..."""
+    if which("squeue") is None or not job_id.isdigit():
+        return None
+    import subprocess
+
+    try:
+        mine = subprocess.run(["squeue", "--noheader", "--format=%P", "--jobs", job_id],
+                              capture_output=True, text=True, timeout=15, check=False).stdout.strip()
+        done = subprocess.run(["squeue", "--noheader", "--all", "--states=PENDING", "--sort=-p,i",
+                               "--format=%i", "--partition", mine or ""],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    order = done.stdout.split()
+    return order.index(job_id) + 1 if job_id in order else None
+
+
 def accounting_states(job_ids: list[str]) -> dict[str, str]:
     """{job id: final state} from one sacct call; empty without accounting."""
     wanted = sorted({j for j in job_ids if j.isdigit()})

@@ -18,7 +18,7 @@ SETTING_KINDS: dict[str, str] = {
     "all2all_backend": "str", "partition": "str", "account": "str", "qos": "str",
     "time": "str", "constraint": "str", "exclusive": "bool", "cpus_per_node": "int",
     "mem": "str", "name": "str", "env": "list", "setup": "list", "container": "str",
-    "engine_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
+    "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
     "home": "str", "python": "str", "login_host": "str",
 }
 EXECUTORS = ("slurm", "local")
@@ -50,6 +50,7 @@ class DeploymentSpec:
     setup: tuple[str, ...] = ()
     container: str | None = None
     engine_cmd: str = "vllm serve"
+    ray_cmd: str = "ray"
     vllm_args: tuple[str, ...] = ()
     port: int | None = None
     executor: str = "slurm"
@@ -161,6 +162,7 @@ def build_spec(
     setup: list[str] | tuple[str, ...] = (),
     container: str | None = None,
     engine_cmd: str = "vllm serve",
+    ray_cmd: str = "ray",
     vllm_args: list[str] | tuple[str, ...] = (),
     port: int | None = None,
     executor: str = "slurm",
@@ -206,6 +208,8 @@ def build_spec(
     _check_container(container)
     if not shlex.split(engine_cmd or ""):
         raise HpcServeError("--engine-cmd is empty.", "Leave it out for 'vllm serve', or name a command.")
+    if not shlex.split(ray_cmd or ""):
+        raise HpcServeError("--ray-cmd is empty.", "Leave it out for 'ray', or name the ray command.")
     if any("\n" in line for line in setup):
         raise HpcServeError("A --setup line contains a newline.", "Give one --setup per line.")
     vllm_args = tuple(vllm_args)
@@ -214,7 +218,7 @@ def build_spec(
         model=model, layout=layout, all2all_backend=all2all_backend, partition=partition,
         account=account, qos=qos, time=time, constraint=constraint, exclusive=exclusive,
         cpus_per_node=cpus_per_node, mem=mem, name=name, env=parse_env(env), setup=tuple(setup),
-        container=container, engine_cmd=engine_cmd, vllm_args=vllm_args, port=port,
+        container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
         executor=executor, home=home, python=python,
         warnings=layout.warnings + warnings,
     )

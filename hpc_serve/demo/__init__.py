@@ -36,7 +36,6 @@ def _chat(url: str, model: str) -> tuple[str, float]:
 def run_demo(keep: bool = False) -> int:
     """Run the demo; returns the exit code."""
     from .. import client, localcluster
-    from ..registry import TERMINAL
     from ..spec import build_spec
     from ..submit import submit
     from .vllm_env import ensure_vllm_env
@@ -53,21 +52,11 @@ def run_demo(keep: bool = False) -> int:
                           vllm_args=["--max-model-len", "512"], home=home)
         dep = submit(spec)
         _say(f"submitted job {dep.id}: hpc-serve submit {env.model} --nodes 2 --pp 2 --launcher mp")
-        start, seen = time.monotonic(), ""
-        while True:
-            state = dep.state
-            line = f"{state.get('phase', 'PENDING')}: {state.get('reason', '')}"
-            if line != seen:
-                _say(f"[{time.monotonic() - start:5.1f} s] {line.splitlines()[0]}")
-                seen = line
-            if state.get("phase") == "READY":
-                break
-            if state.get("phase") in TERMINAL:
-                raise HpcServeError(f"The demo deployment ended {state['phase']}: {state.get('reason')}",
-                                    f"Its logs: {dep.path}/logs")
-            if time.monotonic() - start > READY_TIMEOUT_S:
-                raise HpcServeError(f"Not READY after {READY_TIMEOUT_S:.0f} s.", f"Its logs: {dep.path}/logs")
-            time.sleep(0.5)
+        try:
+            dep.wait_ready(READY_TIMEOUT_S, lambda p: _say(f"[{p.waited_s:5.1f} s] {p.line()}"))
+        except HpcServeError as exc:
+            raise HpcServeError(f"The demo deployment did not serve: {exc.problem}",
+                                f"Its logs: {dep.path}/logs") from None
         endpoint = dep.read("endpoint.json")
         reply, seconds = _chat(endpoint["url"], endpoint["served_model"])
         _say(f"endpoint {endpoint['url']} (on {endpoint['hostname']}), model {endpoint['served_model']}")

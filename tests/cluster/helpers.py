@@ -16,9 +16,10 @@ from hpc_serve import localcluster
 HPC_SERVE = [sys.executable, "-m", "hpc_serve"]
 
 
-def run_cli(*args: str, env: dict | None = None, cwd: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, cwd: str | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*HPC_SERVE, *args], capture_output=True, text=True, cwd=cwd,
-                          env={**os.environ, **(env or {})}, timeout=120)
+                          env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def wait_for(condition, timeout: float, what: str, poll: float = 0.1):

@@ -51,7 +51,7 @@ def cancel_and_check_clean(cluster, home, job_id, via_cli=True):
 
 @pytest.mark.parametrize("nodes", [2, 4])
 def test_submit_through_submitit(cluster, home, nodes):
-    done = run_cli("submit", "org/tiny", "--nodes", str(nodes), "--gpus-per-node", "8", "--tp", "8",
+    done = run_cli("submit", "--no-wait", "org/tiny", "--nodes", str(nodes), "--gpus-per-node", "8", "--tp", "8",
                    "--pp", str(nodes), "--launcher", "mp", "--name", f"sub{nodes}", "--time", "30")
     job_id = submitted_id(done)
     record = scontrol(cluster, job_id)
@@ -86,7 +86,7 @@ def test_render_then_plain_sbatch(cluster, home, nodes, tmp_path):
 
 
 def test_registry_permissions(cluster, home):
-    job_id = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the node to report")
     folder = deployment_dir(home, job_id)
     assert folder.stat().st_mode & 0o777 == 0o700
@@ -97,7 +97,7 @@ def test_registry_permissions(cluster, home):
 
 
 def test_status_logs_and_list(cluster, home):
-    job_id = submitted_id(run_cli("submit", "org/tiny", "--nodes", "2", "--gpus-per-node", "8",
+    job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--nodes", "2", "--gpus-per-node", "8",
                                   "--tp", "8", "--launcher", "mp", "--name", "named"))
     wait_for(lambda: all_nodes_reported(home, job_id, 2), 60, "2 nodes to report")
     by_name = json.loads(run_cli("status", "named", "--json").stdout)[0]
@@ -119,7 +119,7 @@ def test_status_logs_and_list(cluster, home):
 def test_cancel_of_unknown_or_ended(cluster, home):
     done = run_cli("cancel", "424242")
     assert done.returncode == 2 and "No deployment '424242'" in done.stderr
-    job_id = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the node to report")
     cancel_and_check_clean(cluster, home, job_id)
     done = run_cli("cancel", job_id)
@@ -132,7 +132,7 @@ def test_cancel_of_unknown_or_ended(cluster, home):
     (["--nodes", "5", "--tp", "8"], "Node count specification invalid"),
 ])
 def test_slurm_refusals_leave_no_record(cluster, home, args, reason):
-    base = ["submit", "org/tiny", "--launcher", "mp"]
+    base = ["submit", "--no-wait", "org/tiny", "--launcher", "mp"]
     if "--gpus-per-node" not in args:
         base += ["--gpus-per-node", "8"]
     done = run_cli(*base, *args)
@@ -146,19 +146,19 @@ def test_slurm_refusals_leave_no_record(cluster, home, args, reason):
 
 def test_sbatch_missing_from_path(cluster, home):
     python_dir = os.path.dirname(sys.executable)
-    done = run_cli("submit", "org/tiny", "--gpus-per-node", "8", env={"PATH": python_dir})
+    done = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", env={"PATH": python_dir})
     assert done.returncode == 2 and "sbatch is not on PATH" in done.stderr
     assert "--executor local" in done.stderr
 
 
 def test_registry_not_writable(cluster, home):
-    done = run_cli("submit", "org/tiny", "--gpus-per-node", "8", env={"HPC_SERVE_HOME": "/etc/hostname/reg"})
+    done = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", env={"HPC_SERVE_HOME": "/etc/hostname/reg"})
     assert done.returncode == 2 and "is not writable" in done.stderr
     assert squeue_ids(cluster) == []
 
 
 def test_corrupt_state_is_reported_not_a_crash(cluster, home):
-    job_id = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the node to report")
     subprocess.run(["scancel", job_id], env=os.environ, check=True)
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
@@ -173,7 +173,7 @@ def test_ten_concurrent_submissions_give_ten_records(cluster, home):
     results = [None] * 10
 
     def one(index):
-        results[index] = run_cli("submit", "org/tiny", "--gpus-per-node", "1", "--launcher", "mp",
+        results[index] = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "1", "--launcher", "mp",
                                  "--name", f"c{index}")
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(10)]
@@ -195,7 +195,7 @@ def test_ten_concurrent_submissions_give_ten_records(cluster, home):
 
 
 def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
-    done = run_cli("submit", "org/tiny", "--nodes", "2", "--gpus-per-node", "1", "--launcher", "mp",
+    done = run_cli("submit", "--no-wait", "org/tiny", "--nodes", "2", "--gpus-per-node", "1", "--launcher", "mp",
                    "--executor", "local", env={"PATH": os.path.dirname(sys.executable) + ":/usr/bin:/bin"})
     job_id = submitted_id(done)
     assert job_id.startswith("local-")
@@ -211,14 +211,14 @@ def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
 
 def test_a_stale_folder_for_a_reused_job_id_is_moved_aside(cluster, home):
     """Job ids restart when a cluster is rebuilt: an old record must not pass for the new job."""
-    first = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    first = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     assert run_cli("cancel", first).returncode == 0
     reused = str(int(first) + 1)  # Slurm hands out the next id to the next job
     stale = deployment_dir(home, reused)
     (stale / "nodes").mkdir(parents=True)
     (stale / "state.json").write_text(json.dumps({"phase": "STOPPED", "reason": "an old life"}))
     (stale / "nodes" / "0.json").write_text(json.dumps({"rank": 0, "started": 1.0}))
-    job_id = submitted_id(run_cli("submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
+    job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     assert job_id == reused
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the new job's node to report")
     assert "an old life" not in json.dumps(read_state(home, job_id))

@@ -18,7 +18,7 @@ VLLM_ARGS = ["--", "--max-model-len", "512"]
 
 
 def submit(vllm_env, *layout, eager=True, model=None):
-    done = run_cli("submit", model or vllm_env.model, *layout, "--engine-cmd", vllm_env.engine_cmd,
+    done = run_cli("submit", "--no-wait", model or vllm_env.model, *layout, "--engine-cmd", vllm_env.engine_cmd,
                    "--env", "VLLM_CPU_KVCACHE_SPACE=1", *VLLM_ARGS, *(["--enforce-eager"] if eager else []))
     assert done.returncode == 0, done.stderr
     return done.stdout.split()[1]
@@ -55,9 +55,23 @@ def cancel_clean(cluster, home, job_id, nodes):
 
 def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     openai = pytest.importorskip("openai")
-    job_id = submit(vllm_env, "--gpus-per-node", "1")
-    state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
+    # submit waits by default: it returns once READY, with the endpoint and a tunnel command.
+    done = run_cli("submit", vllm_env.model, "--gpus-per-node", "1", "--engine-cmd", vllm_env.engine_cmd,
+                   "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "240", *VLLM_ARGS, "--enforce-eager",
+                   timeout=400)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    state = read_state(home, job_id)
     assert state["phase"] == "READY", state["reason"]
+    url = endpoint(job_id)
+    assert f"READY: {url}" in done.stdout
+    host_port = url.removeprefix("http://").removesuffix("/v1")
+    assert f"ssh -N -L 127.0.0.1:8000:{host_port} " in done.stdout
+    assert "LOADING" in done.stderr  # the progress lines
+    def comment():
+        return subprocess.run(["squeue", "--noheader", "--format=%k", "--jobs", job_id], env=cluster.env,
+                              capture_output=True, text=True).stdout.strip()
+    wait_for(lambda: comment() == url, 10, f"the job comment to be the URL (now {comment()!r})")
     assert [h["phase"] for h in state["history"]][-2:] == ["LOADING", "READY"]
     url = endpoint(job_id)
     assert url.startswith(f"http://{cluster.node_ip('node1')}:") and url.endswith("/v1")

@@ -1,0 +1,105 @@
+"""The Ray launcher on the real Slurm cluster with real `ray start` (Ray 2.60, token auth).
+
+Real vLLM CPU refuses the Ray executor, so the 2-node test proves that failure path; the 4-node
+test puts a Ray driver in vLLM's place (ray_driver.py) that joins the cluster the agent formed.
+"""
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from ..cluster.helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
+from .test_engine import VLLM_ARGS, cancel_clean, wait_phase
+
+pytestmark = pytest.mark.engine
+HERE = Path(__file__).resolve().parent
+
+
+def submit_ray(vllm_env, *layout, engine_cmd=None, ray_cmd=None, env=()):
+    done = run_cli("submit", "--no-wait", vllm_env.model, *layout, "--launcher", "ray",
+                   "--engine-cmd", engine_cmd or vllm_env.engine_cmd, "--ray-cmd", ray_cmd or vllm_env.ray_cmd,
+                   "--env", "VLLM_CPU_KVCACHE_SPACE=1", *[f"--env={e}" for e in env], *VLLM_ARGS)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()[1]
+
+
+def reasons(state):
+    return [entry["reason"] for entry in state["history"]]
+
+
+def test_two_nodes_form_ray_then_vllm_cpu_refuses_it_as_failed(cluster, home, vllm_env):
+    job_id = submit_ray(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--pp", "2")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "FAILED"
+    first_line = state["reason"].splitlines()[0]
+    assert first_line == ("vllm on node 0 (node1) exited with code 1: "
+                          "ValueError: current platform cpu does not support ray."), first_line
+    assert "Ray: 2/2 nodes, 2/2 GPUs joined" in reasons(state)
+    log = (deployment_dir(home, job_id) / "logs" / "node-0.log").read_text()
+    started = [line for line in log.splitlines() if "started vllm" in line][0]
+    for words in ("--distributed-executor-backend ray", "--pipeline-parallel-size 2",
+                  "--tensor-parallel-size 1", f"--host {cluster.node_ip('node1')}"):
+        assert words in started, words
+    timings = json.loads((deployment_dir(home, job_id) / "timings" / "0.json").read_text())
+    failed_at = state["history"][-1]["at"]
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the failed job to end")
+    ended_after = time.time() - failed_at
+    assert failed_at - timings["vllm_started"] < 120 and ended_after < 30
+    assert "FAILED" in run_cli("status", job_id).stdout
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
+    for node in cluster.nodes[:2]:
+        assert not (Path(cluster.state_dir) / "nodes" / node / "tmp" / f"hs-{job_id}").exists(), node
+
+
+def test_four_nodes_form_one_ray_cluster_that_a_driver_uses(cluster, home, vllm_env):
+    driver = f"{vllm_env.python} {HERE / 'ray_driver.py'}"
+    job_id = submit_ray(vllm_env, "--nodes", "4", "--gpus-per-node", "2", "--tp", "2", "--pp", "4",
+                        engine_cmd=driver)
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
+    assert state["phase"] == "READY", state["reason"]
+    assert "Ray: 4/4 nodes, 8/8 GPUs joined" in reasons(state)
+    folder = deployment_dir(home, job_id)
+    log = (folder / "logs" / "node-0.log").read_text()
+    report = json.loads(log.split("RAY-DRIVER ", 1)[1].splitlines()[0])
+    ips = [cluster.node_ip(node) for node in cluster.nodes[:4]]
+    assert report["nodes"] == sorted(ips) and report["hostnames"] == cluster.nodes[:4]
+    assert report["gpus"] == 8
+    argv = " ".join(report["argv"])
+    assert "--distributed-executor-backend ray" in argv and "--tensor-parallel-size 2 --pipeline-parallel-size 4" in argv
+    for rank in range(1, 4):
+        worker = (folder / "logs" / f"node-{rank}.log").read_text()
+        assert f"--address {cluster.node_ip('node1')}:" in worker and "--num-gpus 2" in worker
+    # The Ray token: private, and in no process's argv and no log.
+    token_file = folder / "ray_token"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert len(token) == 64
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            assert token not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"), pid
+        except OSError:
+            continue
+    for path in (folder / "logs").iterdir():
+        assert token not in path.read_text(errors="replace"), path
+    cancel_clean(cluster, home, job_id, 4)
+
+
+def test_a_node_that_never_joins_is_named_and_the_job_ends(cluster, home, vllm_env, tmp_path):
+    # A ray command that hangs on every node but the first: node2 never joins.
+    wrapper = Path(cluster.shared_dir) / "ray-hangs-on-workers"
+    wrapper.write_text(f"#!{vllm_env.python}\nimport os, sys, time\n"
+                       "if os.environ.get('SLURM_NODEID', '0') != '0':\n    time.sleep(10**6)\n"
+                       f"os.execv({vllm_env.ray_cmd!r}, [{vllm_env.ray_cmd!r}, *sys.argv[1:]])\n")
+    wrapper.chmod(0o755)
+    job_id = submit_ray(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--pp", "2", ray_cmd=str(wrapper),
+                        env=["HPC_SERVE_JOIN_TIMEOUT=15"])
+    state = wait_phase(home, job_id, ("READY", "FAILED", "LOADING"), 120)
+    assert state["phase"] == "FAILED", state
+    assert state["reason"] == ("Ray did not form within 15 s: Ray: 1/2 nodes, 1/2 GPUs joined; "
+                               f"missing: node2 ({cluster.node_ip('node2')})")
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the failed job to end")
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
