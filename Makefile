@@ -36,10 +36,13 @@ demo: install
 sbatch: install
 	$(PY) sbatch/generate.py
 
-## bench: CLI and planning speed; writes benchmarks/results/
+## bench: every benchmark (root for all but cli_speed); writes benchmarks/results/
 bench: install
 	$(PY) benchmarks/cli_speed.py
 	$(PY) benchmarks/slurm_submit.py
+	$(PY) benchmarks/ray_formation.py
+	$(PY) benchmarks/bootstrap.py
+	$(PY) benchmarks/tunnel.py
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info

@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import queue_empty, wait_until, write_results  # noqa: E402
 from hpc_serve import localcluster  # noqa: E402
 from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
 from hpc_serve.ports import job_ports  # noqa: E402
@@ -33,18 +34,8 @@ from hpc_serve.ports import job_ports  # noqa: E402
 CLI = [sys.executable, "-m", "hpc_serve"]
 
 
-def wait_until(condition, timeout: float, what: str, poll: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(poll)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
-def queue_empty(env: dict) -> bool:
-    return not subprocess.run(["squeue", "--noheader"], env=env, capture_output=True, text=True).stdout.strip()
 
 
 def by_hand(nodes: int, shared: Path, env: dict, vllm) -> float:
@@ -151,10 +142,7 @@ def main() -> int:
         lines.append(f"| {nodes} | {hand:.2f} | {mine:.2f} | {mine - hand:+.2f} | <= 2 | {latency:.3f} | <= 0.5 |")
         ok = ok and mine - hand <= 2 and latency <= 0.5
     text = "\n".join(lines) + "\n"
-    print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "bootstrap.md").write_text(text)
-    (HERE / "results" / "bootstrap.json").write_text(json.dumps({"runs": args.runs, "results": results}, indent=2) + "\n")
+    write_results("bootstrap", text, {"runs": args.runs, "results": results})
     return 0 if ok else 1
 
 

@@ -18,12 +18,12 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import cancel_all, wait_until, write_results  # noqa: E402
 from hpc_serve import localcluster  # noqa: E402
 from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
 
@@ -60,21 +60,8 @@ echo "RESULT {{\\"t0\\": $t0, \\"t1\\": $t1, \\"joined\\": $joined}}"
 """
 
 
-def wait_until(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
 
 
-def cancel_all(env: dict) -> None:
-    subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
-    wait_until(lambda: not subprocess.run(["squeue", "--noheader"], env=env, capture_output=True,
-                                          text=True).stdout.strip(), 60, "the queue to empty")
-    time.sleep(1)
 
 
 def fixed_sleep(nodes: int, shared: Path, env: dict, vllm_python: str) -> dict:
@@ -152,11 +139,7 @@ def main() -> int:
         lines.append(f"| {nodes} | {base:.1f} | {', '.join(joined)} | {mine:.1f} | {mine / base:.2f} | yes |")
         ok = ok and mine < base
     text = "\n".join(lines) + "\n"
-    print(text)
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "ray_formation.md").write_text(text)
-    (HERE / "results" / "ray_formation.json").write_text(json.dumps({"runs": args.runs, "gpus_per_node": GPUS,
-                                                                     "results": results}, indent=2) + "\n")
+    write_results("ray_formation", text, {"runs": args.runs, "gpus_per_node": GPUS, "results": results})
     return 0 if ok else 1
 
 

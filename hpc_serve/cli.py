@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__
-from .errors import HpcServeError, NotBuiltYet
+from .errors import HpcServeError
 
-Handler = Callable[[argparse.Namespace, list[str]], int]
 
 # (flags, dest, kind, help) for every spec option shared by submit, render and plan.
 _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
@@ -51,6 +50,7 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--engine-cmd",), "engine_cmd", "str", "engine command (default 'vllm serve')"),
         (("--ray-cmd",), "ray_cmd", "str", "Ray's command for the Ray launcher (default 'ray')"),
         (("--port",), "port", "int", "API port (default: derived from the job id)"),
+        (("--no-api-key",), "api_key", "off", "serve without the generated API key (warns)"),
         (("--executor",), "executor", "str", "slurm (default) or local"),
         (("--profile",), "profile", "str", "named profile from your config"),
     ],
@@ -63,8 +63,9 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     for title, options in _SPEC_OPTIONS.items():
         group = parser.add_argument_group(title)
         for flags, dest, kind, help_text in options:
-            if kind == "bool":
-                group.add_argument(*flags, dest=dest, action="store_const", const=True, help=help_text)
+            if kind in ("bool", "off"):
+                group.add_argument(*flags, dest=dest, action="store_const", const=kind == "bool",
+                                   help=help_text)
             elif kind == "list":
                 group.add_argument(*flags, dest=dest, action="append", metavar="VALUE", help=help_text)
             else:
@@ -251,6 +252,103 @@ def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def cmd_endpoint(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    import json
+    import shlex
+
+    from . import client
+
+    data = client.endpoint(ns.id, _home())
+    if ns.json:
+        keys = ("id", "url", "model", "served_model", "host", "hostname", "port", "api_key_file")
+        print(json.dumps({key: data.get(key) for key in keys}, indent=2))
+    elif ns.export:
+        print(f"export OPENAI_BASE_URL={shlex.quote(data['url'])}")
+        if data.get("api_key_file"):
+            print(f"export OPENAI_API_KEY=\"$(cat {shlex.quote(data['api_key_file'])})\"")
+    else:
+        print(data["url"])
+    return 0
+
+
+def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    import shlex
+
+    from .registry import Registry, registry_root
+    from .settings import resolve_settings
+    from .tunnel import Tunnel, close_background, start_background, tunnel_spec
+
+    home = _home()
+    dep = Registry(registry_root(home)).find(ns.id)
+    if ns.close:
+        closed = close_background(dep.path)
+        if not closed:
+            raise HpcServeError(f"Deployment {dep.id} has no background tunnel.",
+                                f"Open one with: hpc-serve tunnel {dep.id} --via LOGIN-HOST --background")
+        print(f"closed the tunnel(s) of {dep.id} on local port(s) {', '.join(map(str, closed))}")
+        return 0
+    settings = resolve_settings({}, profile=ns.profile).values
+    spec, data = tunnel_spec(dep.id, ns.via or settings.get("login_host"), ns.local_port, ns.control, home,
+                             settings.get("ssh_cmd") or "ssh")
+    if ns.print:
+        print(shlex.join(spec.argv()))
+        return 0
+    exports = [f"export OPENAI_BASE_URL={spec.url}"]
+    if data.get("api_key_file"):
+        exports.append(f'export OPENAI_API_KEY="$(cat {shlex.quote(data["api_key_file"])})"')
+    if ns.background:
+        pid = start_background(spec, dep.path)
+        print(f"tunnel up (pid {pid}): {spec.url} -> {spec.host}:{spec.port} via {spec.via}")
+        print("\n".join(exports))
+        print(f"close it with: hpc-serve tunnel --close {dep.id}")
+        return 0
+    tunnel = Tunnel(spec)
+    tunnel.open()
+    print(f"tunnel up: {spec.url} -> {spec.host}:{spec.port} via {spec.via}")
+    print("\n".join(exports), flush=True)
+    print("Ctrl-C to close; the tunnel reconnects if ssh drops.", file=sys.stderr, flush=True)
+    try:
+        tunnel.supervise(lambda message: print(message, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tunnel.close()
+    print("tunnel closed", file=sys.stderr)
+    return 0
+
+
+def cmd_smoke(ns: argparse.Namespace, vllm_args: list[str]) -> int:
+    from . import client
+    from .registry import Registry, registry_root
+    from .smoke import run_checks
+
+    home = _home()
+    data = client.endpoint(ns.id, home)
+    url = ns.url or data["url"]
+    key = Registry(registry_root(home)).deployment(data["id"]).api_key
+    results = run_checks(url, key, data["served_model"])
+    if ns.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"smoke test of {data['id']} at {url}")
+        for column in ("check", "result", "ms", "detail"):
+            table.add_column(column, justify="right" if column == "ms" else "left")
+        for r in results:
+            shown = {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]SKIP[/]"}[r.ok]
+            table.add_row(r.name, shown, f"{r.seconds * 1000:.0f}", r.detail)
+        _console().print(table)
+    failed = [r.name for r in results if r.ok is False]
+    passed = sum(r.ok is True for r in results)
+    print(f"{passed} passed, {len(failed)} failed, {len(results) - passed - len(failed)} skipped"
+          + (f": {', '.join(failed)}" if failed else ""), file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_logs(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from . import client
 
@@ -280,21 +378,6 @@ def cmd_demo(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from .demo import run_demo
 
     return run_demo(keep=ns.keep)
-
-
-def _not_built(command: str) -> Handler:
-    def handler(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-        raise NotBuiltYet(command)
-
-    return handler
-
-
-# Commands that later releases fill in: they exist so that scripts see the contract, and say so.
-_LATER = {
-    "endpoint": "print a deployment's endpoint",
-    "tunnel": "open an SSH tunnel to a deployment",
-    "smoke": "check that an endpoint serves the OpenAI API",
-}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -341,6 +424,31 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(handler=cmd_status)
 
+    endpoint = commands.add_parser("endpoint", help="print a READY deployment's endpoint URL")
+    endpoint.add_argument("id", metavar="ID", help="job id or name")
+    shown = endpoint.add_mutually_exclusive_group()
+    shown.add_argument("--export", action="store_true", help="print shell exports for OpenAI clients")
+    shown.add_argument("--json", action="store_true", help="url, model, host, port and the key file's path")
+    endpoint.set_defaults(handler=cmd_endpoint)
+
+    tunnel = commands.add_parser("tunnel", help="SSH tunnel from this machine to a READY deployment")
+    tunnel.add_argument("id", metavar="ID", help="job id or name")
+    tunnel.add_argument("--via", metavar="[USER@]HOST", help="login host (default: login_host from config)")
+    tunnel.add_argument("--local-port", type=int, metavar="P", help="local port (default: a free one)")
+    tunnel.add_argument("--control", action="store_true", help="share one ssh connection (one MFA prompt)")
+    tunnel.add_argument("--profile", help="named profile (for login_host)")
+    mode = tunnel.add_mutually_exclusive_group()
+    mode.add_argument("--background", action="store_true", help="detach; close with --close")
+    mode.add_argument("--print", action="store_true", help="only print the ssh command")
+    mode.add_argument("--close", action="store_true", help="close this deployment's background tunnels")
+    tunnel.set_defaults(handler=cmd_tunnel)
+
+    smoke = commands.add_parser("smoke", help="check that a READY deployment serves the OpenAI API")
+    smoke.add_argument("id", metavar="ID", help="job id or name")
+    smoke.add_argument("--url", help="base URL to test instead (e.g. a tunnel's http://127.0.0.1:P/v1)")
+    smoke.add_argument("--json", action="store_true", help="machine-readable results")
+    smoke.set_defaults(handler=cmd_smoke)
+
     logs = commands.add_parser("logs", help="show a node's log of a deployment")
     logs.add_argument("id", metavar="ID", help="job id or name")
     logs.add_argument("--node", type=int, default=0, help="node rank (default 0)")
@@ -363,10 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--profile", help="named profile")
     show.set_defaults(handler=cmd_config_show)
 
-    for name, help_text in _LATER.items():
-        later = commands.add_parser(name, help=f"[not built yet] {help_text}", add_help=False)
-        later.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-        later.set_defaults(handler=_not_built(name))
     return parser
 
 

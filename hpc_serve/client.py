@@ -127,6 +127,30 @@ def status(key: str, home: str | None = None) -> DeploymentStatus:
     return describe(dep, queue_states([str(job.get("slurm_job_id") or dep.id)]))
 
 
+def endpoint(key: str, home: str | None = None) -> dict:
+    """A READY deployment's endpoint: id, url, base, host, hostname, port, model, served_model,
+    api_key_file. HpcServeError, naming the phase, when it has none."""
+    dep = _registry(home).find(key)
+    row = status(key, home)
+    if row.problem:
+        raise HpcServeError(f"Deployment {dep.id}: {row.problem}", "Inspect or delete that file.")
+    if row.phase != "READY" or not row.live:
+        if row.phase in TERMINAL or not row.live:
+            raise HpcServeError(f"Deployment {dep.id} has ended ({row.phase}, Slurm: {row.slurm_state}); "
+                                "it has no endpoint.", f"See why: hpc-serve status {dep.id}")
+        raise HpcServeError(f"Deployment {dep.id} is {row.phase}, not READY yet: it has no endpoint.",
+                            f"Wait for it: hpc-serve wait {dep.id}")
+    try:
+        data = dep.read("endpoint.json", None)
+    except OSError as exc:
+        raise HpcServeError(f"Cannot read {dep.file('endpoint.json')} ({exc.strerror}).",
+                            "Check the registry folder's permissions (it should be yours, 0700).") from None
+    if not data:
+        raise HpcServeError(f"Deployment {dep.id} is READY but {dep.file('endpoint.json')} is missing.",
+                            f"Node 0 writes it when READY; see hpc-serve logs {dep.id}.")
+    return {"id": dep.id, **data}
+
+
 def log_lines(key: str, node: int = 0, home: str | None = None) -> tuple[str, list[str]]:
     """(path, lines) of a node's log; falls back to Slurm's output file before the agent starts."""
     dep = _registry(home).find(key)

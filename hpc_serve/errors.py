@@ -23,13 +23,3 @@ class HpcServeError(Exception):
         print(f"{prefix}: {self.problem}", file=sys.stderr)
         if self.hint:
             print(self.hint, file=sys.stderr)
-
-
-class NotBuiltYet(HpcServeError):
-    """A command that a later release fills in; says so plainly instead of pretending."""
-
-    def __init__(self, command: str) -> None:
-        super().__init__(
-            f"'hpc-serve {command}' is not built yet in this version.",
-            "Use 'hpc-serve render' to get an sbatch script, or 'hpc-serve plan' to see the layout.",
-        )

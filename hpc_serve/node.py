@@ -184,11 +184,13 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     lay = spec.layout
     extra_env: tuple[tuple[str, str], ...] = ()
     if lay.launcher == "ray":
-        from .ray_cluster import auth_env, write_token
+        from .ray_cluster import ray_env
 
-        extra_env = auth_env(dep.file("ray_token"))
+        extra_env = ray_env(dep.file("ray_token"), JOIN_TIMEOUT_S)
         if rank == 0:
-            write_token(dep.file("ray_token"))
+            dep.create_secret("ray_token")
+    api_key = dep.create_secret("api_key") if spec.api_key and rank == 0 else ""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     if rank == 0:
         wanted = [int(rt.api_port)]
         wanted += [int(rt.ray_port), int(rt.ray_client_port)] if lay.launcher == "ray" else []
@@ -202,10 +204,13 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     ready = False
     try:
         for planned in plan.processes:
-            if planned.name == "ray" and rank > 0 and not _wait_for_ray_head(dep, stop):
+            if planned.name == "ray" and rank > 0 and not _wait_for_ray_token(dep, stop):
                 return 0 if stop.is_set() or dep.phase in TERMINAL else \
-                    fail(f"{where}: the Ray head never came up within {JOIN_TIMEOUT_S:.0f} s")
-            process = Process(planned.name, planned.argv, planned.env + extra_env)
+                    fail(f"{where}: node 0 never started Ray within {JOIN_TIMEOUT_S:.0f} s")
+            env = planned.env + extra_env
+            if planned.name == "vllm" and api_key:
+                env += (("VLLM_API_KEY", api_key),)  # its environment, never its argv
+            process = Process(planned.name, planned.argv, env)
             engine = EngineProcess(process, dep.log_path(rank), rt.tmp_dir, f"{job_id}/{rank}")
             try:
                 engine.start()
@@ -229,12 +234,13 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 failed = _failed_nodes(dep)
                 if failed:
                     return _fail(dep, log, failed[0])
-                if not ready and serves(url, model):
+                if not ready and serves(url, model, headers):
                     ready = True
                     _mark(dep, rank, "ready")
                     dep.write("endpoint.json", {"url": f"{url}/v1", "base": url, "host": rt.node_ip,
                                                 "hostname": identity["hostname"], "port": int(rt.api_port),
-                                                "model": spec.model, "served_model": model})
+                                                "model": spec.model, "served_model": model,
+                                                "api_key_file": dep.file("api_key") if api_key else None})
                     dep.set_phase("READY", f"{url}/v1")
                     log(f"READY at {url}/v1 (model {model})")
                     _publish_comment(job_id, f"{url}/v1", log)
@@ -250,19 +256,21 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     return 0
 
 
-def _wait_for_ray_head(dep: Deployment, stop: threading.Event) -> bool:
-    """A worker waits until rank 0 has published the Ray head (False: it never did)."""
+def _wait_for_ray_token(dep: Deployment, stop: threading.Event) -> bool:
+    """A worker waits for the deployment's Ray token, which node 0 writes just before it starts
+    the head (False: it never did). The worker then starts at once, alongside the head: its
+    `ray start` waits for the head's GCS itself (up to RAY_gcs_server_port_wait_time_s)."""
     from .engine import wait_until
 
-    return wait_until(lambda: dep.read("ray.json") is not None or dep.phase in TERMINAL,
-                      JOIN_TIMEOUT_S, stop=stop) and dep.read("ray.json") is not None
+    return wait_until(lambda: dep.read_secret("ray_token") != "" or dep.phase in TERMINAL,
+                      JOIN_TIMEOUT_S, stop=stop) and dep.read_secret("ray_token") != ""
 
 
 def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
               stop: threading.Event) -> str | None:
     """Rank 0: wait for the head's port, publish it, and wait until every node and GPU joined."""
     from .engine import exit_reason, wait_until
-    from .ray_cluster import ClusterProbe, auth_env, port_open, ray_python, wait_formed
+    from .ray_cluster import ClusterProbe, port_open, ray_env, ray_python, wait_formed
 
     lay, address = spec.layout, f"{rt.node_ip}:{rt.ray_port}"
     up = wait_until(lambda: head.exit_code is not None or port_open(rt.node_ip, int(rt.ray_port)),
@@ -285,7 +293,7 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
         dep.set_phase("STARTING", text)
         log(text)
 
-    env = {**os.environ, **dict(auth_env(dep.file("ray_token")))}
+    env = {**os.environ, **dict(ray_env(dep.file("ray_token"), JOIN_TIMEOUT_S))}
     probe = ClusterProbe(ray_python(spec.ray_cmd), address, env, dep.log_path(0))
     try:
         formation = wait_formed(probe, want, JOIN_TIMEOUT_S, on_change,

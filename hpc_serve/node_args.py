@@ -27,6 +27,8 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--ray-cmd", spec.ray_cmd]
     if spec.port is not None:
         args += ["--port", str(spec.port)]
+    if not spec.api_key:
+        args += ["--no-api-key"]
     if spec.vllm_args:
         args += ["--", *spec.vllm_args]
     return args
@@ -44,6 +46,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--all2all-backend", default="allgather_reducescatter")
     p.add_argument("--engine-cmd", default="vllm serve")
     p.add_argument("--ray-cmd", default="ray")
+    p.add_argument("--no-api-key", dest="api_key", action="store_false")
     p.add_argument("vllm_args", nargs="*")
     return p
 

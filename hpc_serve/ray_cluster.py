@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import queue
-import secrets
 import shlex
 import shutil
 import socket
@@ -48,17 +47,11 @@ while True:
 """
 
 
-def auth_env(token_path: str) -> tuple[tuple[str, str], ...]:
-    """Environment for every Ray process and driver of a deployment: token auth, token by path."""
+def ray_env(token_path: str, gcs_wait_s: float) -> tuple[tuple[str, str], ...]:
+    """Environment for every Ray process and driver of a deployment: token auth (the token by
+    path, never by value), and how long a worker started alongside the head waits for it."""
     return (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", token_path),
-            ("RAY_USAGE_STATS_ENABLED", "0"))
-
-
-def write_token(path: str) -> None:
-    """A fresh per-deployment Ray token, 0600 (the registry folder is 0700)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(secrets.token_hex(32))
+            ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_gcs_server_port_wait_time_s", str(int(gcs_wait_s))))
 
 
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:

@@ -2,6 +2,7 @@
 
     <home>/deployments/<job id>/
         spec.json  plan.json  job.json  state.json  nodes/<rank>.json  logs/node-<rank>.log
+        endpoint.json  timings/<rank>.json  api_key  ray.json  ray_token
 
 Folders are 0700 and files 0600 (they will hold API keys). Every write is atomic (temp file,
 fsync, rename) and retried on a stale NFS handle. Stdlib only: the node agent uses it too.
@@ -153,6 +154,29 @@ class Deployment:
     def log_path(self, rank: int) -> str:
         return self.file("logs", f"node-{rank}.log")
 
+    def create_secret(self, name: str) -> str:
+        """A fresh random secret in file ``name`` (0600, in the 0700 folder), or the one there."""
+        import secrets
+
+        path = self.file(name)
+        temp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.new"
+        _retry(_write_atomic, temp, secrets.token_hex(32))
+        try:
+            os.link(temp, path)  # atomic "create if absent": readers never see a partial file
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+        return self.read_secret(name)
+
+    def read_secret(self, name: str) -> str:
+        """The secret in file ``name`` ('' when there is none)."""
+        try:
+            with open(self.file(name), encoding="utf-8") as handle:
+                return handle.read().strip()
+        except FileNotFoundError:
+            return ""
+
     def wait_ready(self, timeout_s: float | None = None, on_update=None):
         """Block until READY (see hpc_serve.waiting.wait_ready); returns a DeploymentStatus."""
         from .waiting import wait_ready
@@ -161,8 +185,25 @@ class Deployment:
 
     @property
     def endpoint(self) -> dict:
-        """The published endpoint (url, host, port, model, served_model), or {} before READY."""
+        """The published endpoint (url, host, port, model, served_model, api_key_file), or {}."""
         return self.read("endpoint.json", {}) or {}
+
+    def openai_client(self, **kwargs):
+        """An ``openai.OpenAI`` client for the endpoint (pip install 'hpc-serve[openai]')."""
+        try:
+            import openai
+        except ImportError:
+            raise HpcServeError("The openai package is not installed.",
+                                "pip install 'hpc-serve[openai]' (or pip install openai).") from None
+        if not self.endpoint:
+            raise HpcServeError(f"Deployment {self.id} has no endpoint yet ({self.phase}).",
+                                "Call wait_ready() first.")
+        return openai.OpenAI(base_url=self.endpoint["url"], api_key=self.api_key or "none", **kwargs)
+
+    @property
+    def api_key(self) -> str:
+        """The endpoint's API key ('' when it was started with --no-api-key)."""
+        return self.read_secret("api_key")
 
 
 class Registry:

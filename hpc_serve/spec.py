@@ -19,7 +19,8 @@ SETTING_KINDS: dict[str, str] = {
     "time": "str", "constraint": "str", "exclusive": "bool", "cpus_per_node": "int",
     "mem": "str", "name": "str", "env": "list", "setup": "list", "container": "str",
     "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
-    "home": "str", "python": "str", "login_host": "str",
+    "home": "str", "python": "str", "login_host": "str", "ssh_cmd": "str",
+    "api_key": "bool",
 }
 EXECUTORS = ("slurm", "local")
 DEFAULT_ALL2ALL = "allgather_reducescatter"
@@ -56,6 +57,7 @@ class DeploymentSpec:
     executor: str = "slurm"
     home: str = "~/.hpc-serve"
     python: str = "python3"
+    api_key: bool = True
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -169,11 +171,13 @@ def build_spec(
     home: str = "~/.hpc-serve",
     python: str = "python3",
     login_host: str | None = None,
+    ssh_cmd: str = "ssh",
+    api_key: bool = True,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     from .vllm_args import check_passthrough  # local: keeps the import graph one-way
 
-    del login_host  # a client-side setting (tunnel); accepted so that one settings dict fits
+    del login_host, ssh_cmd  # client-side settings (tunnel); accepted so that one settings dict fits
     if model is None or not str(model).strip():
         raise HpcServeError(
             "No model given.",
@@ -214,11 +218,13 @@ def build_spec(
         raise HpcServeError("A --setup line contains a newline.", "Give one --setup per line.")
     vllm_args = tuple(vllm_args)
     warnings = check_passthrough(vllm_args, layout)
+    if not api_key:
+        warnings += ("--no-api-key: anyone who can reach the node's address can use this endpoint.",)
     return DeploymentSpec(
         model=model, layout=layout, all2all_backend=all2all_backend, partition=partition,
         account=account, qos=qos, time=time, constraint=constraint, exclusive=exclusive,
         cpus_per_node=cpus_per_node, mem=mem, name=name, env=parse_env(env), setup=tuple(setup),
         container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
-        executor=executor, home=home, python=python,
+        executor=executor, home=home, python=python, api_key=api_key,
         warnings=layout.warnings + warnings,
     )

@@ -42,3 +42,7 @@ def print_connect(dep: Deployment, login_host: str | None) -> None:
     print(f"READY: {endpoint['url']}  (model {endpoint['served_model']}, on {endpoint['hostname']})")
     print(f"from your laptop: ssh -N -L 127.0.0.1:8000:{endpoint['host']}:{endpoint['port']} {via}")
     print("then:             export OPENAI_BASE_URL=http://127.0.0.1:8000/v1")
+    if endpoint.get("api_key_file"):
+        print(f"                  export OPENAI_API_KEY=$(cat {endpoint['api_key_file']})")
+    else:
+        print("                  (no API key: started with --no-api-key)")

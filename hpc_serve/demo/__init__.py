@@ -22,11 +22,12 @@ def _say(message: str) -> None:
     print(f"demo: {message}", flush=True)
 
 
-def _chat(url: str, model: str) -> tuple[str, float]:
+def _chat(url: str, model: str, api_key: str) -> tuple[str, float]:
     body = json.dumps({"model": model, "max_tokens": 12,
                        "messages": [{"role": "user", "content": "Say hello to the cluster."}]}).encode()
     request = urllib.request.Request(f"{url}/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {api_key}"})
     start = time.perf_counter()
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
@@ -58,11 +59,12 @@ def run_demo(keep: bool = False) -> int:
             raise HpcServeError(f"The demo deployment did not serve: {exc.problem}",
                                 f"Its logs: {dep.path}/logs") from None
         endpoint = dep.read("endpoint.json")
-        reply, seconds = _chat(endpoint["url"], endpoint["served_model"])
+        reply, seconds = _chat(endpoint["url"], endpoint["served_model"], dep.api_key)
         _say(f"endpoint {endpoint['url']} (on {endpoint['hostname']}), model {endpoint['served_model']}")
         _say(f"chat reply in {seconds:.2f} s (a random tiny model, so gibberish): {reply!r}")
         if keep:
-            _say(f"kept running. Try: curl {endpoint['url']}/models")
+            _say(f"kept running. Try: curl -H \"Authorization: Bearer $(cat {endpoint['api_key_file']})\" "
+                 f"{endpoint['url']}/models")
             _say(f"then: SLURM_CONF={cluster.slurm_conf} HPC_SERVE_HOME={home} hpc-serve cancel {dep.id}; "
                  "python -m hpc_serve.localcluster down")
             return 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from hpc_serve import localcluster
+
 from .helpers import (all_nodes_reported, deployment_dir, job_processes, read_state, run_cli,
                        squeue_ids, wait_for)
 
@@ -224,4 +226,37 @@ def test_a_stale_folder_for_a_reused_job_id_is_moved_aside(cluster, home):
     assert "an old life" not in json.dumps(read_state(home, job_id))
     kept = list((home / "deployments").glob(f".stale-{reused}-*"))
     assert len(kept) == 1 and "an old life" in (kept[0] / "state.json").read_text()
+    cancel_and_check_clean(cluster, home, job_id)
+
+
+def engine_environ(cluster, job_id: str) -> tuple[str, bytes]:
+    """(cmdline, environ) of the stand-in engine the agent started for ``job_id``."""
+    for node in cluster.nodes:
+        for pid in localcluster.namespace_pids(cluster.namespace(node)):
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode().replace("\0", " ")
+            except OSError:
+                continue
+            if f"HPC_SERVE_PROCESS={job_id}/0".encode() in environ and "time.sleep" in cmdline:
+                return cmdline, environ
+    raise AssertionError(f"no engine process of job {job_id}")
+
+
+@pytest.mark.parametrize("opt_out", [False, True])
+def test_the_api_key_reaches_the_engine_by_environment_only(cluster, home, opt_out):
+    done = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp",
+                   *(["--no-api-key"] if opt_out else []))
+    job_id = submitted_id(done)
+    assert ("--no-api-key: anyone who can reach" in done.stderr) == opt_out
+    wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the engine to start")
+    key_file = deployment_dir(home, job_id) / "api_key"
+    cmdline, environ = engine_environ(cluster, job_id)
+    if opt_out:
+        assert not key_file.exists() and b"VLLM_API_KEY=" not in environ
+    else:
+        key = key_file.read_text()
+        assert len(key) == 64 and key_file.stat().st_mode & 0o777 == 0o600
+        assert f"\0VLLM_API_KEY={key}\0".encode() in b"\0" + environ
+        assert key not in cmdline and "--api-key" not in cmdline
     cancel_and_check_clean(cluster, home, job_id)

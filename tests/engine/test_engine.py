@@ -1,9 +1,9 @@
 """Real vLLM (CPU build) serving a tiny model through hpc-serve on the real Slurm cluster."""
 
 import json
+import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,10 @@ def endpoint(job_id):
     return rows[0]["endpoint"]
 
 
+def api_key(home, job_id):
+    return (deployment_dir(home, job_id) / "api_key").read_text().strip()
+
+
 def node_shm(cluster, node):
     """/dev/shm as the node sees it (its own tmpfs, in slurmd's mount namespace)."""
     pid = [p for p in localcluster.namespace_pids(cluster.namespace(node))
@@ -53,8 +57,35 @@ def cancel_clean(cluster, home, job_id, nodes):
         assert not (Path(cluster.state_dir) / "nodes" / node / "tmp" / f"hs-{job_id}").exists()
 
 
+def check_the_key_is_required_and_never_shown(cluster, home, job_id, url, key):
+    import urllib.error
+    import urllib.request
+
+    assert len(key) == 64 and (deployment_dir(home, job_id) / "api_key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{url}/models", timeout=10)
+    assert refused.value.code == 401
+    wrong = urllib.request.Request(f"{url}/models", headers={"Authorization": "Bearer not-the-key"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(wrong, timeout=10)
+    assert refused.value.code == 401
+    assert urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=10).status == 200  # open in vLLM
+    for pid in filter(str.isdigit, os.listdir("/proc")):  # every process of every node (one PID space)
+        try:
+            assert key not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"), pid
+        except OSError:
+            continue
+    record = subprocess.run(["scontrol", "show", "job", job_id], env=cluster.env, capture_output=True,
+                            text=True, check=True).stdout
+    assert record and key not in record
+    written = [p for p in home.rglob("*") if p.is_file() and p.name != "api_key"]
+    assert any(p.suffix == ".sh" for p in written)  # submitit's batch script is among them
+    for path in written:
+        assert key not in path.read_text(errors="replace"), path
+
+
 def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
-    openai = pytest.importorskip("openai")
+    pytest.importorskip("openai")
     # submit waits by default: it returns once READY, with the endpoint and a tunnel command.
     done = run_cli("submit", vllm_env.model, "--gpus-per-node", "1", "--engine-cmd", vllm_env.engine_cmd,
                    "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "240", *VLLM_ARGS, "--enforce-eager",
@@ -75,7 +106,20 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     assert [h["phase"] for h in state["history"]][-2:] == ["LOADING", "READY"]
     url = endpoint(job_id)
     assert url.startswith(f"http://{cluster.node_ip('node1')}:") and url.endswith("/v1")
-    client = openai.OpenAI(base_url=url, api_key="unused")
+    key = api_key(home, job_id)
+    assert f"export OPENAI_API_KEY=$(cat {deployment_dir(home, job_id) / 'api_key'})" in done.stdout
+    check_the_key_is_required_and_never_shown(cluster, home, job_id, url, key)
+    assert run_cli("endpoint", job_id).stdout.strip() == url
+    exports = run_cli("endpoint", job_id, "--export").stdout.splitlines()
+    assert exports == [f"export OPENAI_BASE_URL={url}",
+                       f'export OPENAI_API_KEY="$(cat {deployment_dir(home, job_id) / "api_key"})"']
+    described = json.loads(run_cli("endpoint", job_id, "--json").stdout)
+    assert described["url"] == url and described["model"] == vllm_env.model
+    assert described["host"] == cluster.node_ip("node1") and described["hostname"] == "node1"
+    assert described["api_key_file"] == str(deployment_dir(home, job_id) / "api_key")
+    from hpc_serve.registry import Registry
+
+    client = Registry(str(home)).deployment(job_id).openai_client()
     assert [m.id for m in client.models.list().data] == [vllm_env.model]
     completion = client.completions.create(model=vllm_env.model, prompt="Hello", max_tokens=4)
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 4
@@ -96,7 +140,7 @@ def test_pipeline_parallel_across_two_nodes(cluster, home, vllm_env):
     assert state["phase"] == "READY", state["reason"]
     follower_log = (deployment_dir(home, job_id) / "logs" / "node-1.log").read_text()
     assert "--headless" in follower_log and f"tcp://{cluster.node_ip('node1')}" in follower_log
-    client = openai.OpenAI(base_url=endpoint(job_id), api_key="unused")
+    client = openai.OpenAI(base_url=endpoint(job_id), api_key=api_key(home, job_id))
     assert client.completions.create(model=vllm_env.model, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
     cancel_clean(cluster, home, job_id, 2)
 
@@ -155,7 +199,7 @@ def test_tensor_parallel_across_two_nodes(cluster, home, vllm_env):
     assert state["phase"] == "READY", state["reason"]
     follower_log = (deployment_dir(home, job_id) / "logs" / "node-1.log").read_text()
     assert "--tensor-parallel-size 2" in follower_log and "--headless" in follower_log
-    client = openai.OpenAI(base_url=endpoint(job_id), api_key="unused")
+    client = openai.OpenAI(base_url=endpoint(job_id), api_key=api_key(home, job_id))
     assert client.completions.create(model=vllm_env.model, prompt="Hi", max_tokens=3).usage.completion_tokens == 3
     cancel_clean(cluster, home, job_id, 2)
 
@@ -168,7 +212,7 @@ def test_data_parallel_across_two_nodes_serves_on_both_engines(cluster, home, vl
     state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
     assert state["phase"] == "READY", state["reason"]
     url = endpoint(job_id)
-    client = openai.OpenAI(base_url=url, api_key="unused")
+    client = openai.OpenAI(base_url=url, api_key=api_key(home, job_id))
     for index in range(12):
         client.completions.create(model=vllm_env.model, prompt=f"Hello {index}", max_tokens=2)
     metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ..cluster.helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
+from ..cluster.helpers import deployment_dir, job_processes, run_cli, squeue_ids, wait_for
 from .test_engine import VLLM_ARGS, cancel_clean, wait_phase
 
 pytestmark = pytest.mark.engine

@@ -128,12 +128,6 @@ def test_usage_error_exits_2():
     assert done.returncode == 2 and "invalid int value" in done.stderr
 
 
-@pytest.mark.parametrize("command", ["endpoint", "tunnel", "smoke"])
-def test_commands_not_built_yet_say_so(command):
-    done = run(command, "anything", "--nodes", "2")
-    assert done.returncode == 2 and "not built yet" in done.stderr
-
-
 def test_config_show_sources(isolated_config):
     config = isolated_config / ".config" / "hpc-serve" / "config.toml"
     config.parent.mkdir(parents=True)

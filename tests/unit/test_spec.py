@@ -150,3 +150,14 @@ def test_ep_with_unreadable_config(tmp_path):
 def test_to_json_round_trips():
     data = json.loads(spec(nodes=2, tp=8, pp=2, env=["A=1"]).to_json())
     assert data["layout"]["pp"] == 2 and data["env"] == [["A", "1"]]
+
+
+def test_api_key_is_on_by_default_and_opting_out_warns_and_reaches_the_agent():
+    from hpc_serve.node_args import parse_node_args, to_node_args
+
+    on = build_spec(model="org/m", gpus_per_node=1)
+    assert on.api_key and "--no-api-key" not in to_node_args(on)
+    off = build_spec(model="org/m", gpus_per_node=1, api_key=False)
+    assert any("--no-api-key" in w for w in off.warnings)
+    values = parse_node_args(["--model", "org/m", *to_node_args(off)])
+    assert values["api_key"] is False and build_spec(executor="local", **values).api_key is False

@@ -1,0 +1,133 @@
+"""Streaming chat through `hpc-serve tunnel` vs straight to the endpoint (needs root).
+
+Usage: python benchmarks/tunnel.py [--rounds N] [--clients 16] [--requests 4]
+
+One real single-node deployment (vLLM CPU build, the tiny model) on the local Slurm cluster, a real
+sshd on loopback (tests/sshd.py), and a background tunnel through it. Each round runs the same
+load straight to the node and through the tunnel, alternating which goes first: `--clients`
+concurrent clients, each sending `--requests` streaming chat requests. Per round: throughput
+(completed requests per second) and the median time to first token. Reported: medians over
+rounds of the tunnel/direct throughput ratio (target >= 0.95) and of the added TTFT (<= 5 ms).
+Writes benchmarks/results/tunnel.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.common import write_results  # noqa: E402
+from hpc_serve import localcluster  # noqa: E402
+from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
+from tests.sshd import Sshd, ensure_installed  # noqa: E402
+
+CLI = [sys.executable, "-m", "hpc_serve"]
+
+
+def one_stream(url: str, key: str, model: str) -> float:
+    """Send one streaming chat request; return the seconds to its first token."""
+    body = json.dumps({"model": model, "stream": True, "max_tokens": 16,
+                       "messages": [{"role": "user", "content": "Tell me about clusters."}]}).encode()
+    request = urllib.request.Request(f"{url}/chat/completions", data=body, headers={
+        "Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    start = time.perf_counter()
+    first = None
+    with urllib.request.urlopen(request, timeout=120) as response:
+        for raw in response:
+            if first is None and raw.startswith(b"data:") and b'"content"' in raw:
+                first = time.perf_counter() - start
+            if raw.strip() == b"data: [DONE]":
+                break
+    return first if first is not None else time.perf_counter() - start
+
+
+def load(url: str, key: str, model: str, clients: int, requests: int) -> tuple[float, float]:
+    """(requests per second, median TTFT) with ``clients`` concurrent streaming clients."""
+    ttfts: list[float] = []
+    lock = threading.Lock()
+
+    def client() -> None:
+        for _ in range(requests):
+            ttft = one_stream(url, key, model)
+            with lock:
+                ttfts.append(ttft)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(ttfts) / (time.perf_counter() - start), statistics.median(ttfts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=4)
+    args = parser.parse_args()
+    vllm = ensure_vllm_env(print)
+    ensure_installed()
+    cluster = localcluster.up(nodes=1)
+    sshd = Sshd(Path(tempfile.mkdtemp(prefix="bench-sshd-"))).start()
+    rounds = []
+    try:
+        home = Path(cluster.shared_dir) / "bench-tunnel-home"
+        env = {**os.environ, **cluster.env, "HPC_SERVE_HOME": str(home), "HPC_SERVE_PYTHON": sys.executable,
+               "HPC_SERVE_SSH_CMD": sshd.ssh_cmd}
+        done = subprocess.run([*CLI, "submit", vllm.model, "--gpus-per-node", "1", "--engine-cmd", vllm.engine_cmd,
+                               "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "300", "--",
+                               "--max-model-len", "512", "--enforce-eager"], env=env, capture_output=True,
+                              text=True, check=True)
+        job = done.stdout.split()[1]
+        endpoint = json.loads(subprocess.run([*CLI, "endpoint", job, "--json"], env=env, capture_output=True,
+                                             text=True, check=True).stdout)
+        key = Path(endpoint["api_key_file"]).read_text()
+        tunnel = subprocess.run([*CLI, "tunnel", job, "--via", "login", "--background"], env=env,
+                                capture_output=True, text=True, check=True)
+        tunnel_url = tunnel.stdout.split()[4]
+        model = endpoint["served_model"]
+        load(endpoint["url"], key, model, args.clients, 1)  # warm-up
+        for index in range(args.rounds):
+            order = [("direct", endpoint["url"]), ("tunnel", tunnel_url)]
+            measured = {}
+            for name, url in order if index % 2 == 0 else order[::-1]:
+                measured[name] = load(url, key, model, args.clients, args.requests)
+            rounds.append(measured)
+            print(f"round {index + 1}: direct {measured['direct'][0]:.2f} req/s ttft {measured['direct'][1]*1000:.1f} ms; "
+                  f"tunnel {measured['tunnel'][0]:.2f} req/s ttft {measured['tunnel'][1]*1000:.1f} ms", flush=True)
+        subprocess.run([*CLI, "tunnel", job, "--close"], env=env, capture_output=True)
+        subprocess.run([*CLI, "cancel", job], env=env, capture_output=True)
+    finally:
+        sshd.stop()
+        localcluster.down()
+    ratio = statistics.median(r["tunnel"][0] / r["direct"][0] for r in rounds)
+    added = statistics.median((r["tunnel"][1] - r["direct"][1]) * 1000 for r in rounds)
+    direct = statistics.median(r["direct"][0] for r in rounds)
+    through = statistics.median(r["tunnel"][0] for r in rounds)
+    text = "\n".join([
+        f"Median of {args.rounds} alternating rounds; each round {args.clients} concurrent clients x "
+        f"{args.requests} streaming chat requests (16 tokens) per path; `python benchmarks/tunnel.py`.", "",
+        "| path | throughput (req/s) | ratio | target |", "|---|---|---|---|",
+        f"| straight to the node (baseline) | {direct:.2f} | 1.00 | |",
+        f"| through `hpc-serve tunnel` (ssh -L via sshd on loopback) | {through:.2f} | {ratio:.2f} | >= 0.95 |", "",
+        f"Added median time to first token through the tunnel: {added:+.1f} ms (target <= 5 ms).", ""])
+    write_results("tunnel", text, {"args": vars(args), "rounds": rounds})
+    return 0 if ratio >= 0.95 and added <= 5 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

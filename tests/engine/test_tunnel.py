@@ -1,0 +1,187 @@
+"""`hpc-serve tunnel` through a real sshd on loopback to real vLLM serving inside a node."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from ..cluster.helpers import HPC_SERVE, run_cli, squeue_ids, wait_for
+from ..sshd import Sshd, ensure_installed
+from .test_engine import VLLM_ARGS
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    ensure_installed()
+    server = Sshd(tmp_path_factory.mktemp("sshd")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def served(cluster, vllm_env, sshd):
+    """One READY single-node deployment shared by this module's tests."""
+    home = Path(cluster.shared_dir) / f"tunnel-{uuid.uuid4().hex[:8]}"
+    home.mkdir(mode=0o700)
+    env = {"HPC_SERVE_HOME": str(home), "SLURM_CONF": cluster.slurm_conf, "HPC_SERVE_PYTHON": sys.executable,
+           "HPC_SERVE_SSH_CMD": sshd.ssh_cmd}
+    done = run_cli("submit", vllm_env.model, "--gpus-per-node", "1", "--engine-cmd", vllm_env.engine_cmd,
+                   "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "240", *VLLM_ARGS, "--enforce-eager",
+                   env=env, timeout=400)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    yield {"env": env, "id": job_id, "home": home, "model": vllm_env.model,
+           "key": (home / "deployments" / job_id / "api_key").read_text()}
+    run_cli("cancel", job_id, env=env)
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the tunnel tests' deployment to end")
+
+
+def tunnel_cli(served, *args, timeout=60):
+    return run_cli("tunnel", served["id"], *args, env=served["env"], timeout=timeout)
+
+
+def ssh_pids(local_port: int) -> list[int]:
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if words and os.path.basename(words[0]) == "ssh" and f"127.0.0.1:{local_port}:" in " ".join(words):
+            pids.append(int(pid))
+    return pids
+
+
+def chat(base_url: str, served, stream: bool = False):
+    import openai
+
+    client = openai.OpenAI(base_url=base_url, api_key=served["key"], max_retries=0, timeout=60)
+    messages = [{"role": "user", "content": "Hi"}]
+    if stream:
+        return list(client.chat.completions.create(model=served["model"], messages=messages, max_tokens=4,
+                                                   stream=True))
+    return client.chat.completions.create(model=served["model"], messages=messages, max_tokens=4)
+
+
+def test_foreground_tunnel_serves_reconnects_and_closes(served):
+    pytest.importorskip("openai")
+    proc = subprocess.Popen([*HPC_SERVE, "tunnel", served["id"], "--via", "login"], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **served["env"]})
+    up = proc.stdout.readline()
+    assert up.startswith("tunnel up: http://127.0.0.1:") and "via login" in up, (up, proc.stderr.read())
+    url = up.split()[2]
+    port = int(url.split(":")[2].split("/")[0])
+    assert proc.stdout.readline().strip() == f"export OPENAI_BASE_URL={url}"
+    assert proc.stdout.readline().strip().startswith('export OPENAI_API_KEY="$(cat ')
+    assert chat(url, served).choices[0].message.role == "assistant"
+    chunks = chat(url, served, stream=True)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    # ssh dies mid-use: the tunnel comes back by itself.
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    [pid] = ssh_pids(port)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: any("tunnel back up" in line for line in lines), 30, f"the tunnel to reconnect ({lines})")
+    assert any("tunnel dropped (ssh exited with -9" in line for line in lines), lines
+    assert ssh_pids(port) and ssh_pids(port) != [pid]
+    assert chat(url, served).choices[0].finish_reason == "length"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 0
+    wait_for(lambda: not ssh_pids(port), 10, "ssh to end with the tunnel")
+
+
+def test_background_tunnel_and_close(served):
+    pytest.importorskip("openai")
+    done = tunnel_cli(served, "--via", "login", "--background")
+    assert done.returncode == 0, done.stderr
+    url = done.stdout.split()[4]
+    port = int(url.split(":")[2].split("/")[0])
+    assert f"close it with: hpc-serve tunnel --close {served['id']}" in done.stdout
+    pid_file = served["home"] / "deployments" / served["id"] / f"tunnel-{port}.pid"
+    assert pid_file.stat().st_mode & 0o777 == 0o600
+    assert chat(url, served).choices[0].message.role == "assistant"
+    closed = tunnel_cli(served, "--close")
+    assert closed.returncode == 0 and str(port) in closed.stdout
+    assert not pid_file.exists()
+    wait_for(lambda: not ssh_pids(port), 10, "ssh to end with the background tunnel")
+    again = tunnel_cli(served, "--close")
+    assert again.returncode == 2 and "has no background tunnel" in again.stderr
+
+
+def test_print_shows_the_ssh_command_with_checks_on(served):
+    done = tunnel_cli(served, "--via", "login", "--local-port", "18123", "--print")
+    assert done.returncode == 0
+    words = done.stdout.split()
+    assert words[:3] == ["ssh", "-F", words[2]] and words[-1] == "login"
+    assert "127.0.0.1:18123:" in done.stdout and "ExitOnForwardFailure=yes" in done.stdout
+    assert "StrictHostKeyChecking" not in done.stdout  # never turned off
+
+
+def test_a_busy_local_port_is_an_error_when_asked_for(served):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = tunnel_cli(served, "--via", "login", "--local-port", str(port))
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[0] == f"error: Local port {port} is not free (Address already in use)."
+
+
+@pytest.mark.parametrize("via,reason", [
+    ("login-wrongkey", "Permission denied (publickey)"),
+    ("login-closed", "Connection refused"),
+])
+def test_ssh_refusals_are_one_line(served, via, reason):
+    done = tunnel_cli(served, "--via", via)
+    assert done.returncode == 2
+    first, hint = done.stderr.splitlines()
+    assert first.startswith(f"error: ssh to {via} failed: ") and reason in first
+    assert hint.startswith(f"Check that 'ssh {via}' works on its own")
+
+
+def test_no_login_host_says_how_to_give_one(served):
+    done = tunnel_cli(served)
+    assert done.returncode == 2 and "Give --via [user@]login-host" in done.stderr
+
+
+def test_smoke_passes_direct_and_through_a_tunnel(served):
+    import json
+
+    direct = run_cli("smoke", served["id"], "--json", env=served["env"], timeout=300)
+    assert direct.returncode == 0, direct.stdout + direct.stderr
+    results = {r["name"]: r for r in json.loads(direct.stdout)}
+    assert list(results) == ["/health", "/v1/models", "completion", "chat", "streaming chat", "logprobs",
+                             "stop sequences", "n>1", "batch of prompts", "embeddings"]
+    assert all(r["ok"] for name, r in results.items() if name != "embeddings"), results
+    assert results["embeddings"]["ok"] is None  # a generative model: skipped, not failed
+    assert direct.stderr.strip() == "9 passed, 0 failed, 1 skipped"
+    opened = tunnel_cli(served, "--via", "login", "--background")
+    assert opened.returncode == 0, opened.stderr
+    url = opened.stdout.split()[4]
+    try:
+        through = run_cli("smoke", served["id"], "--url", url, env=served["env"], timeout=300)
+        assert through.returncode == 0, through.stdout + through.stderr
+        assert "PASS" in through.stdout and "FAIL" not in through.stdout and url in through.stdout
+    finally:
+        tunnel_cli(served, "--close")
+
+
+def test_smoke_fails_with_a_wrong_key_and_exits_1(served):
+    key_file = served["home"] / "deployments" / served["id"] / "api_key"
+    original = key_file.read_text()
+    key_file.write_text("0" * 64)
+    try:
+        done = run_cli("smoke", served["id"], env=served["env"], timeout=300)
+    finally:
+        key_file.write_text(original)
+    assert done.returncode == 1
+    assert "/health" in done.stdout and "HTTP 401" in done.stdout  # /health is open, the API is not
+    assert done.stderr.startswith("1 passed, 9 failed, 0 skipped: /v1/models, completion")
