@@ -31,6 +31,15 @@ def cancel_all(env: dict) -> None:
     wait_until(lambda: queue_empty(env), 60, "the queue to empty")
 
 
+def run_folder(cluster, name: str) -> Path:
+    """A new folder on the cluster's shared path for this invocation: job ids restart with every
+    cluster, so output files of an earlier run must never be found by a later one."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                 dir=cluster.shared_dir))
+
+
 def write_results(name: str, text: str, data: dict) -> None:
     """Print the table and write results/<name>.md and results/<name>.json."""
     print(text)

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import cancel_all, wait_until, write_results  # noqa: E402
+from benchmarks.common import cancel_all, run_folder, wait_until, write_results  # noqa: E402
 from hpc_serve import localcluster  # noqa: E402
 from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
 
@@ -116,7 +116,7 @@ def main() -> int:
     cluster = localcluster.up(nodes=max(args.nodes))
     results: dict[str, dict[str, list[dict]]] = {}
     try:
-        shared = Path(cluster.shared_dir)
+        shared = run_folder(cluster, "ray_formation")
         env = {**cluster.env, "HPC_SERVE_PYTHON": sys.executable}
         for nodes in args.nodes:
             runs = results.setdefault(str(nodes), {"fixed_sleep": [], "hpc_serve": []})

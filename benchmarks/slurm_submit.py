@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from benchmarks.common import run_folder  # noqa: E402
 from hpc_serve import localcluster  # noqa: E402
 from hpc_serve.launch import make_plan  # noqa: E402
 from hpc_serve.registry import Registry  # noqa: E402
@@ -92,9 +93,10 @@ def main() -> int:
     args = parser.parse_args()
     cluster = localcluster.up(nodes=4)
     try:
-        home = Path(cluster.shared_dir) / "bench-home"
+        shared = run_folder(cluster, "slurm-submit")
+        home = shared / "home"
         env = {**cluster.env, "HPC_SERVE_HOME": str(home), "HPC_SERVE_PYTHON": sys.executable}
-        script = Path(cluster.shared_dir) / "bench.sbatch"
+        script = shared / "bench.sbatch"
         subprocess.run([*CLI, "render", *LAYOUT, "-o", str(script)], env=env, check=True, capture_output=True)
         ours, bare = [], []
         for _ in range(args.runs):  # interleaved, so drift affects both alike
@@ -102,7 +104,7 @@ def main() -> int:
             cancel_all(env)
             ours.append(one_submit(env))
             cancel_all(env)
-        timings = status_times(Path(cluster.shared_dir) / "bench-status", cluster.env, args.runs * 3)
+        timings = status_times(shared / "status", cluster.env, args.runs * 3)
     finally:
         localcluster.down()
     med_ours, med_bare = statistics.median(ours), statistics.median(bare)

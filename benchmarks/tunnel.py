@@ -1,6 +1,6 @@
 """Streaming chat through `hpc-serve tunnel` vs straight to the endpoint (needs root).
 
-Usage: python benchmarks/tunnel.py [--rounds N] [--clients 16] [--requests 4]
+Usage: python benchmarks/tunnel.py [--rounds 9] [--clients 16] [--requests 8]
 
 One real single-node deployment (vLLM CPU build, the tiny model) on the local Slurm cluster, a real
 sshd on loopback (tests/sshd.py), and a background tunnel through it. Each round runs the same
@@ -28,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from benchmarks.common import write_results  # noqa: E402
+from benchmarks.common import run_folder, write_results  # noqa: E402
 from hpc_serve import localcluster  # noqa: E402
 from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
 from tests.sshd import Sshd, ensure_installed  # noqa: E402
@@ -75,9 +75,9 @@ def load(url: str, key: str, model: str, clients: int, requests: int) -> tuple[f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=8)
     args = parser.parse_args()
     vllm = ensure_vllm_env(print)
     ensure_installed()
@@ -85,7 +85,7 @@ def main() -> int:
     sshd = Sshd(Path(tempfile.mkdtemp(prefix="bench-sshd-"))).start()
     rounds = []
     try:
-        home = Path(cluster.shared_dir) / "bench-tunnel-home"
+        home = run_folder(cluster, "tunnel") / "home"
         env = {**os.environ, **cluster.env, "HPC_SERVE_HOME": str(home), "HPC_SERVE_PYTHON": sys.executable,
                "HPC_SERVE_SSH_CMD": sshd.ssh_cmd}
         done = subprocess.run([*CLI, "submit", vllm.model, "--gpus-per-node", "1", "--engine-cmd", vllm.engine_cmd,
@@ -100,7 +100,8 @@ def main() -> int:
                                 capture_output=True, text=True, check=True)
         tunnel_url = tunnel.stdout.split()[4]
         model = endpoint["served_model"]
-        load(endpoint["url"], key, model, args.clients, 1)  # warm-up
+        load(endpoint["url"], key, model, args.clients, 1)  # warm-up, both paths
+        load(tunnel_url, key, model, args.clients, 1)
         for index in range(args.rounds):
             order = [("direct", endpoint["url"]), ("tunnel", tunnel_url)]
             measured = {}
