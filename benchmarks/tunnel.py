@@ -78,6 +78,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--ssh-options", default="", help="extra ssh options, e.g. '-c aes128-gcm@openssh.com'")
     args = parser.parse_args()
     vllm = ensure_vllm_env(print)
     ensure_installed()
@@ -87,7 +88,7 @@ def main() -> int:
     try:
         home = run_folder(cluster, "tunnel") / "home"
         env = {**os.environ, **cluster.env, "HPC_SERVE_HOME": str(home), "HPC_SERVE_PYTHON": sys.executable,
-               "HPC_SERVE_SSH_CMD": sshd.ssh_cmd}
+               "HPC_SERVE_SSH_CMD": f"{sshd.ssh_cmd} {args.ssh_options}".strip()}
         done = subprocess.run([*CLI, "submit", vllm.model, "--gpus-per-node", "1", "--engine-cmd", vllm.engine_cmd,
                                "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "300", "--",
                                "--max-model-len", "512", "--enforce-eager"], env=env, capture_output=True,
@@ -121,7 +122,8 @@ def main() -> int:
     through = statistics.median(r["tunnel"][0] for r in rounds)
     text = "\n".join([
         f"Median of {args.rounds} alternating rounds; each round {args.clients} concurrent clients x "
-        f"{args.requests} streaming chat requests (16 tokens) per path; `python benchmarks/tunnel.py`.", "",
+        f"{args.requests} streaming chat requests (16 tokens) per path; `python benchmarks/tunnel.py"
+        + (f" --ssh-options '{args.ssh_options}'" if args.ssh_options else "") + "`.", "",
         "| path | throughput (req/s) | ratio | target |", "|---|---|---|---|",
         f"| straight to the node (baseline) | {direct:.2f} | 1.00 | |",
         f"| through `hpc-serve tunnel` (ssh -L via sshd on loopback) | {through:.2f} | {ratio:.2f} | >= 0.95 |", "",

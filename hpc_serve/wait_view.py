@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import sys
 
@@ -43,6 +44,6 @@ def print_connect(dep: Deployment, login_host: str | None) -> None:
     print(f"from your laptop: ssh -N -L 127.0.0.1:8000:{endpoint['host']}:{endpoint['port']} {via}")
     print("then:             export OPENAI_BASE_URL=http://127.0.0.1:8000/v1")
     if endpoint.get("api_key_file"):
-        print(f"                  export OPENAI_API_KEY=$(cat {endpoint['api_key_file']})")
+        print(f'                  export OPENAI_API_KEY="$(cat {shlex.quote(endpoint["api_key_file"])})"')
     else:
         print("                  (no API key: started with --no-api-key)")

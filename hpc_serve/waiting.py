@@ -40,6 +40,8 @@ class Progress:
         if row.slurm_state.startswith("PENDING") and row.phase == "PENDING":
             where = f", {_ordinal(self.queue_position)} in the queue" if self.queue_position else ""
             return f"queued: {row.slurm_state}{where}"
+        if row.phase == "PENDING":
+            return f"{row.slurm_state}: the job has started; waiting for its node agents"
         first = row.reason.splitlines()[0] if row.reason else ""
         return f"{row.phase}" + (f": {first}" if first else "")
 

@@ -107,7 +107,7 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     url = endpoint(job_id)
     assert url.startswith(f"http://{cluster.node_ip('node1')}:") and url.endswith("/v1")
     key = api_key(home, job_id)
-    assert f"export OPENAI_API_KEY=$(cat {deployment_dir(home, job_id) / 'api_key'})" in done.stdout
+    assert f'export OPENAI_API_KEY="$(cat {deployment_dir(home, job_id) / "api_key"})"' in done.stdout
     check_the_key_is_required_and_never_shown(cluster, home, job_id, url, key)
     assert run_cli("endpoint", job_id).stdout.strip() == url
     exports = run_cli("endpoint", job_id, "--export").stdout.splitlines()

@@ -24,6 +24,11 @@ def test_queued_without_a_position():
         "queued: PENDING (Resources)"
 
 
+def test_a_running_job_whose_agents_have_not_written_yet():
+    assert Progress(status("RUNNING", "PENDING", "submitted"), None, 0.5, 2.0).line() == \
+        "RUNNING: the job has started; waiting for its node agents"
+
+
 def test_running_line_shows_the_phase_and_the_first_line_of_its_reason():
     row = status(phase="FAILED", reason="vllm exited with code 1: ValueError: x\nlast lines:\n...")
     assert Progress(row, None, 5.0, 9.0).line() == "FAILED: vllm exited with code 1: ValueError: x"
