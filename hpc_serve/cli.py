@@ -162,10 +162,15 @@ def cmd_config_show(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
-def _home() -> str:
+def _client_settings(profile: str | None = None) -> dict[str, Any]:
+    """The resolved settings for commands that read deployments (home, login_host, ssh_cmd)."""
     from .settings import resolve_settings
 
-    return resolve_settings({}).values["home"]
+    return resolve_settings({}, profile=profile).values
+
+
+def _home() -> str:
+    return _client_settings()["home"]
 
 
 def _age(seconds: float) -> str:
@@ -210,10 +215,8 @@ def _wait(target, home: str | None, timeout_s: float | None, login_host: str | N
 
 
 def cmd_wait(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from .settings import resolve_settings
-
-    login_host = resolve_settings({}, profile=None).values.get("login_host")
-    return _wait(ns.id, _home(), ns.timeout, login_host)
+    settings = _client_settings()
+    return _wait(ns.id, settings["home"], ns.timeout, settings.get("login_host"))
 
 
 def _status_table(rows) -> None:
@@ -275,10 +278,10 @@ def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     import shlex
 
     from .registry import Registry, registry_root
-    from .settings import resolve_settings
     from .tunnel import Tunnel, close_background, start_background, tunnel_spec
 
-    home = _home()
+    settings = _client_settings(ns.profile)
+    home = settings["home"]
     dep = Registry(registry_root(home)).find(ns.id)
     if ns.close:
         closed = close_background(dep.path)
@@ -287,7 +290,6 @@ def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
                                 f"Open one with: hpc-serve tunnel {dep.id} --via LOGIN-HOST --background")
         print(f"closed the tunnel(s) of {dep.id} on local port(s) {', '.join(map(str, closed))}")
         return 0
-    settings = resolve_settings({}, profile=ns.profile).values
     spec, data = tunnel_spec(dep.id, ns.via or settings.get("login_host"), ns.local_port, ns.control, home,
                              settings.get("ssh_cmd") or "ssh")
     if ns.print:

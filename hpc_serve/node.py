@@ -5,8 +5,8 @@ rank 0 also writes the deployment's spec, plan and state and waits until every n
 reported (naming the ones that did not). With the mp launcher every node then runs its vLLM
 process; rank 0 marks LOADING, then READY once /health answers and /v1/models lists the model,
 publishes the endpoint, and turns any node's vLLM exit into FAILED with its last lines. With the
-Ray launcher rank 0 first starts the Ray head, publishes its address, and waits until every node
-and GPU joined (naming the ones that did not); the workers join once the address is published.
+Ray launcher rank 0 writes the Ray token, starts the Ray head, and waits until every node and
+GPU joined (naming the ones that did not); the workers start as soon as the token exists.
 Cancel and the time-limit signal stop vLLM (then Ray) and record STOPPED or TIMEOUT.
 """
 
@@ -270,7 +270,8 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
               stop: threading.Event) -> str | None:
     """Rank 0: wait for the head's port, publish it, and wait until every node and GPU joined."""
     from .engine import exit_reason, wait_until
-    from .ray_cluster import ClusterProbe, port_open, ray_env, ray_python, wait_formed
+    from .ports import port_open
+    from .ray_cluster import ClusterProbe, ray_env, ray_python, wait_formed
 
     lay, address = spec.layout, f"{rt.node_ip}:{rt.ray_port}"
     up = wait_until(lambda: head.exit_code is not None or port_open(rt.node_ip, int(rt.ray_port)),

@@ -1,4 +1,5 @@
-"""Ports a deployment uses, derived from its job id so that jobs sharing a node do not collide.
+"""Ports a deployment uses, derived from its job id so that jobs sharing a node do not collide,
+and whether a port answers.
 
 They lie in 20000-32767: above Ray's default worker ports (10002-19999) and below Linux's
 ephemeral range (32768-60999), where Ray and vLLM pick ports for themselves.
@@ -6,6 +7,7 @@ ephemeral range (32768-60999), where Ray and vLLM pick ports for themselves.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 PORT_BASE = 20000
@@ -22,6 +24,15 @@ class Ports:
     master: int
     dp_rpc: int
     ray_client: int
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def job_ports(job_id: int, api_port: int | None = None) -> Ports:

@@ -11,7 +11,6 @@ import os
 import queue
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -52,15 +51,6 @@ def ray_env(token_path: str, gcs_wait_s: float) -> tuple[tuple[str, str], ...]:
     path, never by value), and how long a worker started alongside the head waits for it."""
     return (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", token_path),
             ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_gcs_server_port_wait_time_s", str(int(gcs_wait_s))))
-
-
-def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
-    """Whether something accepts TCP connections on ``host:port``."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def ray_python(ray_cmd: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from .errors import HpcServeError
+from .ports import port_open
 
 #: Seconds to wait for ssh to open the forward (MFA prompts are answered within this).
 CONNECT_TIMEOUT_S = float(os.environ.get("HPC_SERVE_TUNNEL_CONNECT_TIMEOUT", "120"))
@@ -68,14 +69,6 @@ def check_local_port(port: int) -> None:
                                 "Pick another with --local-port, or leave it out to get a free one.") from None
 
 
-def _forward_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
 def _ssh_reason(stderr: str) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(("Warning: Permanently added", "debug"))]
@@ -100,7 +93,7 @@ class Tunnel:
                 raise HpcServeError(f"ssh to {self.spec.via} failed: {reason}",
                                     "Check that 'ssh " + self.spec.via + "' works on its own (host, key, "
                                     "known_hosts), then try again.")
-            if _forward_open(self.spec.local_port):
+            if port_open("127.0.0.1", self.spec.local_port):
                 return
             time.sleep(0.05)
         self.close()
@@ -208,7 +201,7 @@ def start_background(spec: TunnelSpec, dep_path: str) -> int:
             reason = next((l.split(": ", 1)[1] for l in reversed(lines) if l.startswith("hpc_serve.errors.HpcServeError")),
                           lines[-1] if lines else "no reason")
             raise HpcServeError(f"The background tunnel did not start: {reason}", f"Its log: {log_file}")
-        if _forward_open(spec.local_port):
+        if port_open("127.0.0.1", spec.local_port):
             return child.pid
         time.sleep(0.05)
     os.kill(child.pid, signal.SIGTERM)
