@@ -51,6 +51,7 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--ray-cmd",), "ray_cmd", "str", "Ray's command for the Ray launcher (default 'ray')"),
         (("--port",), "port", "int", "API port (default: derived from the job id)"),
         (("--no-api-key",), "api_key", "off", "serve without the generated API key (warns)"),
+        (("--max-restarts",), "max_restarts", "int", "requeue a failed deployment up to N times (default 0)"),
         (("--executor",), "executor", "str", "slurm (default) or local"),
         (("--profile",), "profile", "str", "named profile from your config"),
     ],
@@ -234,6 +235,9 @@ def _status_table(rows) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
     if len(rows) == 1 and "\n" in rows[0].reason:
         print("\n" + "\n".join("  " + line for line in rows[0].reason.splitlines()[1:]))
+    if len(rows) == 1 and rows[0].restarts:
+        print(f"\nrestarted {len(rows[0].restarts)} time(s):")
+        print("\n".join("  " + line for line in rows[0].restarts))
 
 
 def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:

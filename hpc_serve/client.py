@@ -32,6 +32,7 @@ class DeploymentStatus:
     age_s: float
     nodes_reported: int
     problem: str = ""
+    restarts: tuple[str, ...] = ()  # why each earlier run ended: first lines, oldest first
 
     @property
     def live(self) -> bool:
@@ -86,16 +87,18 @@ def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None,
         slurm_state = known.get(slurm_job, "ENDED")
     submitted = job.get("submitted") or state.get("updated") or time.time()
     endpoint = (dep.read("endpoint.json", {}) or {}).get("url", "") if not problem else ""
+    restarts = tuple(entry["reason"].partition("\n")[0] for entry in state.get("history", ())
+                     if entry.get("phase") == "RESTARTING")
     return DeploymentStatus(
         id=dep.id, name=job.get("name", ""), model=spec.get("model", "?"), layout=_layout_text(spec),
         slurm_state=slurm_state, phase=phase, reason=state.get("reason", ""), endpoint=endpoint,
-        age_s=max(0.0, time.time() - submitted), nodes_reported=len(_safe_nodes(dep)),
-        problem=problem)
+        age_s=max(0.0, time.time() - submitted),
+        nodes_reported=len(_safe_nodes(dep, state.get("restart", 0))), problem=problem, restarts=restarts)
 
 
-def _safe_nodes(dep: Deployment) -> dict:
+def _safe_nodes(dep: Deployment, restart: int) -> dict:
     try:
-        return dep.nodes()
+        return dep.nodes(restart)
     except CorruptRecord:
         return {}
 

@@ -8,6 +8,11 @@ publishes the endpoint, and turns any node's vLLM exit into FAILED with its last
 Ray launcher rank 0 writes the Ray token, starts the Ray head, and waits until every node and
 GPU joined (naming the ones that did not); the workers start as soon as the token exists.
 Cancel and the time-limit signal stop vLLM (then Ray) and record STOPPED or TIMEOUT.
+
+Restarts: a requeued job runs again under the same id with SLURM_RESTART_COUNT set; every record of
+a run carries that count, so nothing of an earlier run is mistaken for this one. Rank 0 requeues a
+failed deployment itself while `--max-restarts` allows (RESTARTING), and tells a requeue by Slurm
+(preemption, `scontrol requeue`) from a cancel when the SIGTERM comes.
 """
 
 from __future__ import annotations
@@ -66,12 +71,13 @@ def node_identity(rank: int) -> dict[str, Any]:
     }
 
 
-def _wait_for_nodes(dep: Deployment, count: int, log: NodeLog, stop: threading.Event) -> list[int]:
-    """Poll until ``count`` nodes have reported; return the missing ranks (empty on success)."""
+def _wait_for_nodes(dep: Deployment, count: int, restart: int, log: NodeLog,
+                    stop: threading.Event) -> list[int]:
+    """Poll until ``count`` nodes of this run have reported; return the missing ranks (empty on success)."""
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     reported = 0
     while not stop.is_set():
-        ranks = set(dep.nodes())
+        ranks = set(dep.nodes(restart))
         if len(ranks) != reported:
             reported = len(ranks)
             dep.set_phase("STARTING", f"{reported}/{count} nodes reported")
@@ -88,6 +94,7 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
     """Everything one node does for deployment ``job_id``; returns the exit code."""
     dep = Registry(registry_root(spec.home)).deployment(job_id).ensure()
     log = NodeLog(dep.log_path(rank), rank)
+    restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
     ended: dict[str, str] = {}
     stop = threading.Event()
 
@@ -99,41 +106,98 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
     for signum in _END_SIGNALS:
         signal.signal(signum, on_signal)
 
-    identity = node_identity(rank)
-    dep.write(f"nodes/{rank}.json", identity)
-    _mark(dep, rank, "agent_start", at=identity["started"])
+    identity = {**node_identity(rank), "restart": restart}
+    _mark(dep, rank, "agent_start", at=identity["started"], fresh=True)
     if rank == 0 and os.environ.get("HPC_SERVE_JOB_START"):
         _mark(dep, rank, "job_start", at=float(os.environ["HPC_SERVE_JOB_START"]))
-    log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}")
+    if rank == 0 and restart:  # before node 0's record: the others trust the phase once it is there
+        _withdraw_endpoint(dep, job_id, log)
+        dep.set_phase("STARTING", f"restart {restart}: the job runs again on {identity['hostname']}",
+                      restart=restart)
+    dep.write(f"nodes/{rank}.json", identity)
+    log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}"
+        + (f" (restart {restart})" if restart else ""))
+
+    def end_failed(reason: str) -> int:
+        return _end_failed(spec, dep, job_id, reason, log, stop)
+
     if rank == 0:
         create_json(dep.file("spec.json"), spec.to_dict())
         create_json(dep.file("plan.json"), make_plan(spec).to_dict())
         create_json(dep.file("job.json"), {"job_id": job_id, "executor": executor,
                                            "name": os.environ.get("SLURM_JOB_NAME", spec.name),
                                            "submitted": time.time()})
-        missing = _wait_for_nodes(dep, spec.layout.nodes, log, stop)
+        missing = _wait_for_nodes(dep, spec.layout.nodes, restart, log, stop)
         if missing:
-            return _fail(dep, log, f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
-    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop)
+            return end_failed(f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
+    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop, end_failed)
+    if rank > 0 and code and not stop.is_set():
+        _await_decision(dep, stop)
     if stop.is_set():
         log(f"received {ended.get('signal', 'stop')}: ending")
-    if rank == 0 and dep.phase != "FAILED":
-        failed = _failed_nodes(dep)
+    if rank == 0 and dep.phase not in ("FAILED", "RESTARTING"):
+        failed = _failed_nodes(dep, restart)
         if failed:
-            dep.set_phase("FAILED", failed[0])
+            code = end_failed(failed[0])
+        elif stop.is_set() and ended.get("signal") == "SIGTERM" and _requeued(job_id, restart):
+            _withdraw_endpoint(dep, job_id, log)
+            dep.set_phase("RESTARTING", "requeued by Slurm (preemption, a node failure or scontrol "
+                          "requeue): it serves again once Slurm starts the job")
         elif stop.is_set():
             dep.set_phase(ended.get("phase", "STOPPED"), f"received {ended.get('signal', 'stop')}")
     return code
 
 
-def _fail(dep: Deployment, log: NodeLog, reason: str) -> int:
-    dep.set_phase("FAILED", reason)
+def _end_failed(spec: DeploymentSpec, dep: Deployment, job_id: str, reason: str, log: NodeLog,
+                stop: threading.Event) -> int:
+    """Rank 0: a failure ends this run. While --max-restarts allows, the job is requeued
+    (RESTARTING; Slurm ends this run and starts it again under the same id); else FAILED."""
+    from .slurm import requeue
+
+    failures = int(dep.state.get("failures", 0)) + 1
     log(reason)
-    return 1
+    if failures > spec.max_restarts or not job_id.isdigit():
+        if spec.max_restarts:
+            first, _, rest = reason.partition("\n")
+            reason = f"{first} (no restart left of --max-restarts {spec.max_restarts})" + (f"\n{rest}" if rest else "")
+        dep.set_phase("FAILED", reason, failures=failures)
+        return 1
+    _withdraw_endpoint(dep, job_id, log)
+    dep.set_phase("RESTARTING", f"restart {failures} of {spec.max_restarts}, after: {reason}",
+                  failures=failures)
+    refused = requeue(job_id)
+    if refused:
+        dep.set_phase("FAILED", f"{reason}\n(could not requeue job {job_id} to restart it: {refused})")
+        return 1
+    log(f"requeued job {job_id} (restart {failures} of {spec.max_restarts})")
+    stop.wait(60)  # Slurm ends this run now (SIGTERM) and queues the job again
+    return 0
 
 
-def _failed_nodes(dep: Deployment) -> list[str]:
-    return [record["failed"] for record in dep.nodes().values() if record.get("failed")]
+def _await_decision(dep: Deployment, stop: threading.Event) -> None:
+    """A failed follower waits (bounded) for node 0 to end the run: a requeue ends it by signal."""
+    from .engine import wait_until
+
+    wait_until(lambda: dep.phase in TERMINAL or dep.phase == "RESTARTING", 15, stop=stop)
+
+
+def _requeued(job_id: str, restart: int) -> bool:
+    """Whether Slurm requeued this job (its restart count went past this run's)."""
+    from .slurm import restart_count
+
+    count = restart_count(job_id) if job_id.isdigit() else None
+    return count is not None and count > restart
+
+
+def _withdraw_endpoint(dep: Deployment, job_id: str, log: NodeLog) -> None:
+    """The endpoint of an earlier run is gone: nobody should be sent there."""
+    if dep.endpoint:
+        dep.remove("endpoint.json")
+        _publish_comment(job_id, "", log)
+
+
+def _failed_nodes(dep: Deployment, restart: int) -> list[str]:
+    return [record["failed"] for record in dep.nodes(restart).values() if record.get("failed")]
 
 
 def _head_identity(dep: Deployment, rank: int, identity: dict, stop: threading.Event) -> dict | None:
@@ -141,8 +205,9 @@ def _head_identity(dep: Deployment, rank: int, identity: dict, stop: threading.E
 
     if rank == 0:
         return identity
-    wait_until(lambda: 0 in dep.nodes(), JOIN_TIMEOUT_S, stop=stop)
-    return dep.nodes().get(0)
+    restart = identity["restart"]
+    wait_until(lambda: 0 in dep.nodes(restart), JOIN_TIMEOUT_S, stop=stop)
+    return dep.nodes(restart).get(0)
 
 
 def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
@@ -156,7 +221,7 @@ def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
 
 
 def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
-           log: NodeLog, stop: threading.Event) -> int:
+           log: NodeLog, stop: threading.Event, end_failed) -> int:
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
     from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, serves,
                          shm_files)
@@ -167,7 +232,7 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
 
     def fail(reason: str) -> int:
         if rank == 0:
-            return _fail(dep, log, reason)
+            return end_failed(reason)
         dep.write(f"nodes/{rank}.json", {**identity, "failed": reason})
         log(reason)
         return 1
@@ -227,13 +292,13 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
             dep.set_phase("LOADING", f"vLLM starting on {lay.nodes} node(s)")
         while not stop.is_set():
             for engine in engines:
-                if engine.exit_code is not None:
+                if engine.exit_code is not None and not stop.is_set():  # not a signalled end
                     return fail(exit_reason(engine.process.name, where, engine.exit_code,
                                             dep.log_path(rank)))
             if rank == 0:
-                failed = _failed_nodes(dep)
+                failed = _failed_nodes(dep, identity["restart"])
                 if failed:
-                    return _fail(dep, log, failed[0])
+                    return end_failed(failed[0])
                 if not ready and serves(url, model, headers):
                     ready = True
                     _mark(dep, rank, "ready")
@@ -286,7 +351,7 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
     _mark(dep, 0, "ray_head_up")
     want_gpus = lay.nodes * lay.gpus_per_node
     dep.set_phase("STARTING", f"Ray head up at {address}; 1/{lay.nodes} nodes")
-    nodes = dep.nodes()
+    nodes = dep.nodes(dep.state.get("restart", 0))
     want = {record["ip"]: lay.gpus_per_node for record in nodes.values()}
 
     def on_change(formation) -> None:
@@ -334,11 +399,12 @@ def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:
         log(f"could not set the job comment: {done.stderr.strip()}")
 
 
-def _mark(dep: Deployment, rank: int, event: str, at: float | None = None) -> None:
-    """Record when ``event`` happened on node ``rank`` (the benchmarks read these)."""
+def _mark(dep: Deployment, rank: int, event: str, at: float | None = None, fresh: bool = False) -> None:
+    """Record when ``event`` happened on node ``rank`` in this run (``fresh``: the run's first)."""
     path = f"timings/{rank}.json"
     os.makedirs(dep.file("timings"), mode=0o700, exist_ok=True)
-    dep.write(path, {**(dep.read(path, {}) or {}), event: time.time() if at is None else at})
+    before = {} if fresh else dep.read(path, {}) or {}
+    dep.write(path, {**before, event: time.time() if at is None else at})
 
 
 def _rank_and_job() -> tuple[int, str, str]:

@@ -29,6 +29,8 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--port", str(spec.port)]
     if not spec.api_key:
         args += ["--no-api-key"]
+    if spec.max_restarts:
+        args += ["--max-restarts", str(spec.max_restarts)]
     if spec.vllm_args:
         args += ["--", *spec.vllm_args]
     return args
@@ -47,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-cmd", default="vllm serve")
     p.add_argument("--ray-cmd", default="ray")
     p.add_argument("--no-api-key", dest="api_key", action="store_false")
+    p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("vllm_args", nargs="*")
     return p
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import HpcServeError
 
-PHASES = ("PENDING", "STARTING", "LOADING", "READY", "FAILED", "STOPPED", "TIMEOUT")
+PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")
 _RETRIES = 5
 
@@ -143,13 +143,24 @@ class Deployment:
             "phase": phase, "reason": reason, "updated": now,
             "history": [{"phase": phase, "at": now, "reason": reason}]})
 
-    def nodes(self) -> dict[int, dict]:
+    def nodes(self, restart: int | None = None) -> dict[int, dict]:
+        """Node records by rank; with ``restart``, only those of that run of the job (a requeued
+        job runs again under the same id, and its earlier records stay until overwritten)."""
         records = {}
         folder = self.file("nodes")
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
             if name.endswith(".json") and name[:-5].isdigit():
-                records[int(name[:-5])] = read_json(os.path.join(folder, name), {})
+                record = read_json(os.path.join(folder, name), {}) or {}
+                if restart is None or record.get("restart", 0) == restart:
+                    records[int(name[:-5])] = record
         return records
+
+    def remove(self, name: str) -> None:
+        """Delete file ``name`` if it is there."""
+        try:
+            os.unlink(self.file(name))
+        except FileNotFoundError:
+            pass
 
     def log_path(self, rank: int) -> str:
         return self.file("logs", f"node-{rank}.log")

@@ -111,3 +111,30 @@ def scancel(job_id: str) -> None:
     if done.returncode != 0:
         raise HpcServeError(f"scancel {job_id} failed: {done.stderr.strip()}",
                             "Check the job with 'squeue -j JOBID'.")
+
+
+def _scontrol(*args: str) -> tuple[int, str]:
+    """(exit code, output or error) of one scontrol call; (127, reason) when it cannot run."""
+    import subprocess
+
+    if which("scontrol") is None:
+        return 127, "scontrol is not on PATH"
+    try:
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    return done.returncode, (done.stdout if done.returncode == 0 else done.stderr).strip()
+
+
+def requeue(job_id: str) -> str | None:
+    """Ask Slurm to requeue ``job_id`` (it ends this run and queues the job again); None when it
+    accepted, else its reason."""
+    code, text = _scontrol("requeue", job_id)
+    return None if code == 0 else text or f"scontrol requeue exited with {code}"
+
+
+def restart_count(job_id: str) -> int | None:
+    """How many times Slurm has requeued ``job_id`` (``Restarts=`` of scontrol show job), or None."""
+    code, text = _scontrol("show", "job", "--oneliner", job_id)
+    found = re.search(r"\bRestarts=(\d+)", text) if code == 0 else None
+    return int(found.group(1)) if found else None

@@ -20,10 +20,11 @@ SETTING_KINDS: dict[str, str] = {
     "mem": "str", "name": "str", "env": "list", "setup": "list", "container": "str",
     "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
     "home": "str", "python": "str", "login_host": "str", "ssh_cmd": "str",
-    "api_key": "bool",
+    "api_key": "bool", "max_restarts": "int",
 }
 EXECUTORS = ("slurm", "local")
 DEFAULT_ALL2ALL = "allgather_reducescatter"
+MAX_RESTARTS = 100
 _TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -58,6 +59,7 @@ class DeploymentSpec:
     home: str = "~/.hpc-serve"
     python: str = "python3"
     api_key: bool = True
+    max_restarts: int = 0
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -173,6 +175,7 @@ def build_spec(
     login_host: str | None = None,
     ssh_cmd: str = "ssh",
     api_key: bool = True,
+    max_restarts: int = 0,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     from .vllm_args import check_passthrough  # local: keeps the import graph one-way
@@ -204,6 +207,9 @@ def build_spec(
     if cpus_per_node is not None and cpus_per_node < 1:
         raise HpcServeError(f"--cpus-per-node must be at least 1 (got {cpus_per_node}).",
                             "Give a positive number of CPUs, or leave it out.")
+    if not 0 <= max_restarts <= MAX_RESTARTS:
+        raise HpcServeError(f"--max-restarts must be between 0 and {MAX_RESTARTS} (got {max_restarts}).",
+                            "Give how many times a failed deployment may be requeued, e.g. --max-restarts 2.")
     if executor not in EXECUTORS:
         raise HpcServeError(f"Unknown executor {executor!r}.", f"Use one of: {', '.join(EXECUTORS)}.")
     for option, value in (("partition", partition), ("account", account), ("qos", qos),
@@ -225,6 +231,6 @@ def build_spec(
         account=account, qos=qos, time=time, constraint=constraint, exclusive=exclusive,
         cpus_per_node=cpus_per_node, mem=mem, name=name, env=parse_env(env), setup=tuple(setup),
         container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
-        executor=executor, home=home, python=python, api_key=api_key,
+        executor=executor, home=home, python=python, api_key=api_key, max_restarts=max_restarts,
         warnings=layout.warnings + warnings,
     )

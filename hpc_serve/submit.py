@@ -45,6 +45,9 @@ def _executor(spec: DeploymentSpec, root: str):
     import submitit
 
     folder = os.path.join(root, "submitit", "%j")
+    if spec.executor == "local" and spec.max_restarts:
+        raise HpcServeError("--max-restarts needs Slurm: a restart is a requeue of the job.",
+                            "Leave --max-restarts out with --executor local.")
     if spec.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(tasks_per_node=spec.layout.nodes, nodes=1,
@@ -62,6 +65,7 @@ def _executor(spec: DeploymentSpec, root: str):
         "mem": spec.mem, "time": spec.time_minutes, "exclusive": spec.exclusive or None,
         "setup": _setup_lines(spec, root), "signal_delay_s": SIGNAL_BEFORE_END_S, "wckey": None,
         "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": {"requeue": True},  # preemption and --max-restarts requeue it
     }
     executor.update_parameters(**params)
     return executor

@@ -42,6 +42,9 @@ class Progress:
             return f"queued: {row.slurm_state}{where}"
         if row.phase == "PENDING":
             return f"{row.slurm_state}: the job has started; waiting for its node agents"
+        if row.phase == "RESTARTING" and row.slurm_state.startswith("PENDING"):
+            held = " (Slurm holds a requeued job about 2 minutes)" if "BeginTime" in row.slurm_state else ""
+            return f"RESTARTING: queued again: {row.slurm_state}{held}"
         first = row.reason.splitlines()[0] if row.reason else ""
         return f"{row.phase}" + (f": {first}" if first else "")
 
@@ -81,6 +84,8 @@ def wait_ready(target: Deployment | str, home: str | None = None, timeout_s: flo
         if started is None and (status.slurm_state == "RUNNING" or status.phase != "PENDING"):
             seen_running_at = seen_running_at or time.time()
         running_s = time.time() - (started or seen_running_at) if (started or seen_running_at) else None
+        if status.phase == "RESTARTING":  # queued again: the timeout counts from the next start
+            running_s = None
         progress = Progress(status, position, running_s, now - begun)
         if on_update is not None and progress.line() != last_line:
             last_line = progress.line()
