@@ -282,7 +282,7 @@ def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     import shlex
 
     from .registry import Registry, registry_root
-    from .tunnel import Tunnel, close_background, start_background, tunnel_spec
+    from .tunnel import Tunnel, close_background, endpoint_target, start_background, tunnel_spec
 
     settings = _client_settings(ns.profile)
     home = settings["home"]
@@ -312,9 +312,11 @@ def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     tunnel.open()
     print(f"tunnel up: {spec.url} -> {spec.host}:{spec.port} via {spec.via}")
     print("\n".join(exports), flush=True)
-    print("Ctrl-C to close; the tunnel reconnects if ssh drops.", file=sys.stderr, flush=True)
+    print("Ctrl-C to close; the tunnel reconnects if ssh drops and follows the endpoint if the "
+          "deployment restarts.", file=sys.stderr, flush=True)
     try:
-        tunnel.supervise(lambda message: print(message, file=sys.stderr, flush=True))
+        tunnel.supervise(lambda message: print(message, file=sys.stderr, flush=True),
+                         target=endpoint_target(dep.path))
     except KeyboardInterrupt:
         pass
     finally:

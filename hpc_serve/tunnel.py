@@ -2,7 +2,8 @@
 
 `ssh -N -L 127.0.0.1:<local>:<node>:<port> <login host>` with the user's own ssh config and known
 hosts (host key checking is never turned off). The tunnel is supervised: if ssh dies after the
-forward was up, it is started again. Stdlib only.
+forward was up, it is started again; if the deployment restarts elsewhere (a requeue), the tunnel
+follows its new endpoint and keeps the same local port. Stdlib only.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Tuple
 
 from .errors import HpcServeError
 from .ports import port_open
@@ -21,6 +22,10 @@ from .ports import port_open
 #: Seconds to wait for ssh to open the forward (MFA prompts are answered within this).
 CONNECT_TIMEOUT_S = float(os.environ.get("HPC_SERVE_TUNNEL_CONNECT_TIMEOUT", "120"))
 RECONNECT_PAUSE_S = 1.0
+FOLLOW_POLL_S = 2.0
+
+#: Where the endpoint is now: (host, port), or None while the deployment is not serving.
+Target = Callable[[], Optional[Tuple[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -113,9 +118,20 @@ class Tunnel:
                 self.popen.kill()
                 self.popen.wait()
 
-    def supervise(self, say: Callable[[str], None], stop: Callable[[], bool] = lambda: False) -> None:
-        """Keep the tunnel up until ``stop()``: when ssh dies, say why and open it again."""
+    def supervise(self, say: Callable[[str], None], stop: Callable[[], bool] = lambda: False,
+                  target: Target | None = None) -> None:
+        """Keep the tunnel up until ``stop()``: when ssh dies, say why and open it again; when
+        ``target()`` names another endpoint (the deployment restarted), forward there instead."""
+        followed_at = time.monotonic()
         while not stop():
+            if target is not None and time.monotonic() - followed_at >= FOLLOW_POLL_S:
+                followed_at = time.monotonic()
+                now = target()
+                if now is not None and now != (self.spec.host, self.spec.port):
+                    say(f"the endpoint moved to {now[0]}:{now[1]} (the deployment restarted); "
+                        "re-opening the tunnel on the same local port")
+                    self.close()
+                    self.spec = replace(self.spec, host=now[0], port=now[1])
             if not self.alive:
                 code = self.popen.returncode if self.popen else None
                 reason = _ssh_reason(self.popen.stderr.read() if self.popen and self.popen.stderr else "")
@@ -128,6 +144,20 @@ class Tunnel:
                     time.sleep(RECONNECT_PAUSE_S)
                     continue
             time.sleep(0.2)
+
+
+def endpoint_target(dep_path: str) -> Target:
+    """The deployment's endpoint as its registry folder records it, read on each call."""
+    from .registry import read_json
+
+    def current() -> tuple[str, int] | None:
+        try:
+            data = read_json(os.path.join(dep_path, "endpoint.json"), {}) or {}
+        except (OSError, HpcServeError):
+            return None
+        return (data["host"], int(data["port"])) if data.get("host") and data.get("port") else None
+
+    return current
 
 
 def run_background(spec: TunnelSpec, pid_file: str, log_file: str) -> None:
@@ -143,7 +173,7 @@ def run_background(spec: TunnelSpec, pid_file: str, log_file: str) -> None:
     tunnel.open()
     say(f"tunnel up: {spec.url} -> {spec.host}:{spec.port} via {spec.via}")
     try:
-        tunnel.supervise(say, stop=lambda: bool(stopping))
+        tunnel.supervise(say, stop=lambda: bool(stopping), target=endpoint_target(os.path.dirname(pid_file)))
     finally:
         tunnel.close()
         say("tunnel closed")

@@ -1,6 +1,7 @@
 """Faults while serving, on the real cluster with real vLLM (see docs/reliability.md)."""
 
 import os
+import subprocess
 import signal
 import time
 from pathlib import Path
@@ -52,3 +53,72 @@ def test_a_follower_node_dying_while_ready_fails_the_deployment_fast(cluster, ho
     shown = run_cli("status", job_id)
     assert "FAILED: vllm on node 1 (node2) exited with code -9" in shown.stdout
     assert read_state(home, job_id)["phase"] == "FAILED"
+
+
+def requeue_released(cluster, job_id: str, exclude: str) -> None:
+    """Once Slurm queued the job again, skip its hold (about 2 minutes) and keep it off ``exclude``
+    (see tests/cluster/test_restarts.py for why not at once)."""
+    env = cluster.env
+    wait_for(lambda: "PENDING" in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env,
+                                                 capture_output=True, text=True).stdout, 60, "the job queued again")
+    time.sleep(2)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", f"ExcNodeList={exclude}"],
+                   env=env, check=True)
+
+
+def chat_through_the_api(home, job_id: str) -> str:
+    from hpc_serve.registry import Registry
+
+    client = Registry(str(home)).deployment(job_id).openai_client(max_retries=0, timeout=60)
+    model = client.models.list().data[0].id
+    reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=4)
+    return reply.choices[0].finish_reason
+
+
+def test_restart_and_preemption_bring_the_endpoint_back_elsewhere(cluster, home, vllm_env):
+    pytest.importorskip("openai")
+    job_id = submit(vllm_env, "--gpus-per-node", "1", "--launcher", "mp", "--max-restarts", "1")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY", state["reason"]
+    key, first_url = read_key(home, job_id), state["reason"]
+
+    # 1. vLLM dies: --max-restarts 1 requeues the job, which serves again on another node
+    for pid in engine_pids(cluster, "node1", job_id, 0):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    state = wait_phase(home, job_id, ("RESTARTING", "FAILED"), 30)
+    assert state["reason"].startswith("restart 1 of 1, after: vllm on node 0 (node1) exited with code -9")
+    shown = run_cli("endpoint", job_id)
+    assert shown.returncode == 2 and f"Deployment {job_id} is RESTARTING, not READY yet" in shown.stderr
+    requeue_released(cluster, job_id, exclude="node1")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY" and state["restart"] == 1, state["reason"]
+    second_url = run_cli("endpoint", job_id).stdout.strip()
+    assert second_url != first_url and f"{cluster.node_ip('node2')}:" in second_url, (first_url, second_url)
+    assert read_key(home, job_id) == key  # clients keep their key across restarts
+    assert chat_through_the_api(home, job_id) in ("length", "stop")
+    comment = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%k"], env=cluster.env,
+                             capture_output=True, text=True).stdout.strip()
+    assert comment == second_url
+
+    # 2. preemption (scontrol requeue) does not use up a restart: it serves again on node3
+    subprocess.run(["scontrol", "requeue", job_id], env=cluster.env, check=True)
+    state = wait_phase(home, job_id, ("RESTARTING", "STOPPED", "FAILED"), 30)
+    assert state["reason"].startswith("requeued by Slurm"), state["reason"]
+    requeue_released(cluster, job_id, exclude="node1,node2")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY" and state["restart"] == 2 and state["failures"] == 1, state
+    assert f"{cluster.node_ip('node3')}:" in run_cli("endpoint", job_id).stdout
+    assert chat_through_the_api(home, job_id) in ("length", "stop")
+    shown = run_cli("status", job_id).stdout
+    assert "restarted 2 time(s):" in shown and "requeued by Slurm" in shown
+    assert run_cli("cancel", job_id).returncode == 0
+    assert read_state(home, job_id)["phase"] == "STOPPED"
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
+
+
+def read_key(home, job_id: str) -> str:
+    return (home / "deployments" / job_id / "api_key").read_text()

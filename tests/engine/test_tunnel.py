@@ -186,3 +186,69 @@ def test_smoke_fails_with_a_wrong_key_and_exits_1(served):
     assert done.returncode == 1
     assert "/health" in done.stdout and "HTTP 401" in done.stdout  # /health is open, the API is not
     assert done.stderr.startswith("1 passed, 9 failed, 0 skipped: /v1/models, completion")
+
+
+def test_the_tunnel_follows_the_endpoint_when_the_deployment_moves(sshd, tmp_path):
+    """A restart can put the endpoint on another node and port: the supervised tunnel re-opens
+    there on the same local port (real ssh, real sshd; two HTTP servers stand for the two runs)."""
+    import http.server
+    import json
+    import urllib.request
+
+    from hpc_serve.tunnel import Tunnel, TunnelSpec, endpoint_target, free_local_port
+
+    servers = []
+    for name in ("first run", "second run"):
+        class Reply(http.server.BaseHTTPRequestHandler):
+            body = name.encode()
+
+            def do_GET(self):
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(self.body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Reply)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    endpoint = tmp_path / "endpoint.json"
+
+    def publish(server):
+        endpoint.write_text(json.dumps({"host": "127.0.0.1", "port": server.server_address[1]}))
+
+    def fetch(url):
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    publish(servers[0])
+    spec = TunnelSpec("login", "127.0.0.1", servers[0].server_address[1], free_local_port(),
+                      ssh_cmd=sshd.ssh_cmd)
+    tunnel, said, stopping = Tunnel(spec), [], []
+    tunnel.open()
+    watcher = threading.Thread(target=tunnel.supervise, args=(said.append, lambda: bool(stopping),
+                                                              endpoint_target(str(tmp_path))))
+    watcher.start()
+    try:
+        local = f"http://127.0.0.1:{spec.local_port}/"
+        assert fetch(local) == "first run"
+        endpoint.unlink()  # RESTARTING: no endpoint; the tunnel stays as it is
+        publish(servers[1])
+        wait_for(lambda: any("the endpoint moved to 127.0.0.1:" in line for line in said), 15,
+                 f"the tunnel to follow the endpoint ({said})")
+        assert wait_for(lambda: _try(fetch, local) == "second run" and True, 15, "the new endpoint")
+        assert tunnel.spec.local_port == spec.local_port
+    finally:
+        stopping.append(True)
+        watcher.join(10)
+        tunnel.close()
+        for server in servers:
+            server.shutdown()
+
+
+def _try(action, *args):
+    try:
+        return action(*args)
+    except OSError:
+        return None
