@@ -161,3 +161,22 @@ def test_api_key_is_on_by_default_and_opting_out_warns_and_reaches_the_agent():
     assert any("--no-api-key" in w for w in off.warnings)
     values = parse_node_args(["--model", "org/m", *to_node_args(off)])
     assert values["api_key"] is False and build_spec(executor="local", **values).api_key is False
+
+
+def test_max_restarts_is_checked_and_reaches_the_agent():
+    from hpc_serve.node_args import parse_node_args, to_node_args
+
+    assert "--max-restarts" not in to_node_args(build_spec(model="org/m", gpus_per_node=1))
+    two = build_spec(model="org/m", gpus_per_node=1, max_restarts=2)
+    values = parse_node_args(["--model", "org/m", *to_node_args(two)])
+    assert values["max_restarts"] == 2 and build_spec(executor="local", **values).max_restarts == 2
+    for bad in (-1, 101):
+        with pytest.raises(HpcServeError, match="--max-restarts must be between 0 and 100"):
+            build_spec(model="org/m", gpus_per_node=1, max_restarts=bad)
+
+
+def test_max_restarts_needs_slurm():
+    from hpc_serve.submit import submit
+
+    with pytest.raises(HpcServeError, match="--max-restarts needs Slurm"):
+        submit(build_spec(model="org/m", gpus_per_node=1, max_restarts=1, executor="local"))

@@ -60,3 +60,11 @@ def test_a_log_without_an_exception_gives_the_exit_code_alone(tmp_path):
     assert exit_reason("vllm", "node 1 (node2)", -9, str(log)).splitlines()[0] == \
         "vllm on node 1 (node2) exited with code -9"
     assert root_error(str(tmp_path / "missing.log")) is None
+
+
+def test_a_requeued_deployment_says_it_is_queued_again_and_why_it_waits():
+    row = status("PENDING (BeginTime)", "RESTARTING", "restart 1 of 2, after: vllm exited")
+    assert Progress(row, 1, None, 3.0).line() == \
+        "RESTARTING: queued again: PENDING (BeginTime) (Slurm holds a requeued job about 2 minutes)"
+    running = status("RUNNING", "RESTARTING", "requeued by Slurm (preemption)\nmore")
+    assert Progress(running, None, None, 3.0).line() == "RESTARTING: requeued by Slurm (preemption)"
