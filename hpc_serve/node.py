@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from .errors import HpcServeError
+from .heartbeat import Heartbeat
 from .launch import make_plan
 from .node_args import parse_node_args
 from .registry import TERMINAL, Deployment, Registry, create_json, registry_root
@@ -130,7 +131,8 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
         missing = _wait_for_nodes(dep, spec.layout.nodes, restart, log, stop)
         if missing:
             return end_failed(f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
-    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop, end_failed)
+    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop, end_failed,
+                                          Heartbeat(dep, rank, stop).start())
     if rank > 0 and code and not stop.is_set():
         _await_decision(dep, stop)
     if stop.is_set():
@@ -221,7 +223,7 @@ def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
 
 
 def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
-           log: NodeLog, stop: threading.Event, end_failed) -> int:
+           log: NodeLog, stop: threading.Event, end_failed, beats: Heartbeat) -> int:
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
     from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, serves,
                          shm_files)
@@ -295,6 +297,13 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 if engine.exit_code is not None and not stop.is_set():  # not a signalled end
                     return fail(exit_reason(engine.process.name, where, engine.exit_code,
                                             dep.log_path(rank)))
+            quiet = beats.silent(range(1, lay.nodes) if rank == 0 else [0])
+            if quiet:
+                records = dep.nodes(identity["restart"])
+                reason = beats.reason(quiet[0], records.get(quiet[0], {}).get("hostname", "?"))
+                if rank > 0:  # node 0 cannot record its own end any more: this node does
+                    dep.set_phase("FAILED", reason)
+                return fail(reason)
             if rank == 0:
                 failed = _failed_nodes(dep, identity["restart"])
                 if failed:

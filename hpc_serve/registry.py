@@ -2,7 +2,7 @@
 
     <home>/deployments/<job id>/
         spec.json  plan.json  job.json  state.json  nodes/<rank>.json  logs/node-<rank>.log
-        endpoint.json  timings/<rank>.json  api_key  ray.json  ray_token
+        endpoint.json  timings/<rank>.json  beats/<rank>.json  api_key  ray.json  ray_token
 
 Folders are 0700 and files 0600 (they will hold API keys). Every write is atomic (temp file,
 fsync, rename) and retried on a stale NFS handle. Stdlib only: the node agent uses it too.

@@ -1,0 +1,48 @@
+"""A node that stops answering (frozen: every process in its namespace stopped, as a hung or
+powered-off machine looks to the others) on the real cluster."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from hpc_serve import localcluster
+
+from .helpers import job_processes, read_state, run_cli, squeue_ids, wait_for
+
+pytestmark = pytest.mark.cluster
+
+
+def freeze(cluster, node: str, sig: int) -> None:
+    for pid in localcluster.namespace_pids(cluster.namespace(node)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("frozen,rank", [("node2", 1), ("node1", 0)])
+def test_a_frozen_node_fails_the_deployment_within_15_s_naming_it(cluster, home, frozen, rank):
+    done = run_cli("submit", "--no-wait", "org/tiny", "--nodes", "2", "--gpus-per-node", "8", "--tp", "8",
+                   "--pp", "2", "--launcher", "mp")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    wait_for(lambda: read_state(home, job_id).get("phase") == "LOADING", 60, "both nodes to start")
+    time.sleep(3)  # a few beats seen
+    frozen_at = time.time()
+    freeze(cluster, frozen, signal.SIGSTOP)
+    try:
+        state = wait_for(lambda: read_state(home, job_id).get("phase") == "FAILED" and read_state(home, job_id),
+                         20, f"the deployment to fail ({read_state(home, job_id).get('phase')})")
+    finally:
+        freeze(cluster, frozen, signal.SIGCONT)
+    detected_s = state["history"][-1]["at"] - frozen_at
+    first = state["reason"].splitlines()[0]
+    assert first.startswith(f"node {rank} ({frozen}) stopped reporting: no sign of life for 10 s"), first
+    assert detected_s < 15, detected_s
+    print(f"detected in {detected_s:.2f} s")
+    wait_for(lambda: job_id not in squeue_ids(cluster), 60, "the job to end")
+    wait_for(lambda: not any(job_processes(cluster).values()), 30, f"no process left ({job_processes(cluster)})")
+    assert read_state(home, job_id)["phase"] == "FAILED"
+    assert f"FAILED: node {rank} ({frozen}) stopped reporting" in run_cli("status", job_id).stdout
