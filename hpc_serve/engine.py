@@ -143,6 +143,25 @@ def clean_node(tmp_dir: str, shm_before: set[str]) -> None:
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+def sweep_stale_tmp(live_jobs: set[str], root: str = "/tmp") -> list[str]:
+    """Remove ``hs-<job>`` temp dirs of ours whose Slurm job is not live on this node any more (an
+    agent killed with SIGKILL cannot clean up after itself); return what was removed."""
+    removed = []
+    for name in sorted(os.listdir(root)):
+        job = name[3:]
+        path = os.path.join(root, name)
+        if not name.startswith("hs-") or not job.isdigit() or job in live_jobs:
+            continue
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def _signal_group(pid: int, signum: int) -> None:
     try:
         os.killpg(pid, signum)

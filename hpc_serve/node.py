@@ -116,6 +116,7 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
         dep.set_phase("STARTING", f"restart {restart}: the job runs again on {identity['hostname']}",
                       restart=restart)
     dep.write(f"nodes/{rank}.json", identity)
+    _sweep_stale_tmp(job_id, identity, log)
     log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}"
         + (f" (restart {restart})" if restart else ""))
 
@@ -389,6 +390,18 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
                if formation.nodes.get(record["ip"], 0) < lay.gpus_per_node]
     return (f"Ray did not form within {JOIN_TIMEOUT_S:.0f} s: "
             f"{formation.describe(lay.nodes, want_gpus)}; missing: {', '.join(missing)}")
+
+
+def _sweep_stale_tmp(job_id: str, identity: dict, log: NodeLog) -> None:
+    """Remove temp dirs that killed agents of earlier jobs left on this node (never when unsure)."""
+    from .engine import sweep_stale_tmp
+    from .slurm import jobs_on_node
+
+    live = jobs_on_node(identity.get("slurmd_nodename") or identity["hostname"])
+    if live is None or not job_id.isdigit():
+        return
+    for path in sweep_stale_tmp(live | {job_id}):
+        log(f"removed {path}, left by an earlier job that has ended")
 
 
 def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:

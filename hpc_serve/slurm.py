@@ -138,3 +138,17 @@ def restart_count(job_id: str) -> int | None:
     code, text = _scontrol("show", "job", "--oneliner", job_id)
     found = re.search(r"\bRestarts=(\d+)", text) if code == 0 else None
     return int(found.group(1)) if found else None
+
+
+def jobs_on_node(node: str) -> set[str] | None:
+    """The ids of this user's jobs that Slurm has on ``node`` (None when squeue cannot say)."""
+    import subprocess
+
+    if which("squeue") is None or not node:
+        return None
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--nodelist", node,
+                               "--format=%i"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.split()) if done.returncode == 0 else None

@@ -46,3 +46,28 @@ def test_a_frozen_node_fails_the_deployment_within_15_s_naming_it(cluster, home,
     wait_for(lambda: not any(job_processes(cluster).values()), 30, f"no process left ({job_processes(cluster)})")
     assert read_state(home, job_id)["phase"] == "FAILED"
     assert f"FAILED: node {rank} ({frozen}) stopped reporting" in run_cli("status", job_id).stdout
+
+
+def on_node(cluster, node: str, *argv: str) -> str:
+    """Run a command in the node's own mount namespace (its private /tmp)."""
+    import subprocess
+
+    pid = [p for p in localcluster.namespace_pids(cluster.namespace(node))
+           if open(f"/proc/{p}/comm").read().strip() == "slurmd"][0]
+    return subprocess.run(["nsenter", "-t", str(pid), "-m", *argv], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_temp_dirs_left_by_killed_agents_are_swept_by_the_next_agent(cluster, home):
+    on_node(cluster, "node1", "mkdir", "-p", "/tmp/hs-424242/ray", "/tmp/hs-notajob", "/tmp/unrelated")
+    done = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp")
+    job_id = done.stdout.split()[1]
+    wait_for(lambda: read_state(home, job_id).get("phase") == "LOADING", 60, "the node to start")
+    host = (home / "deployments" / job_id / "nodes" / "0.json").read_text()
+    assert '"hostname": "node1"' in host
+    left = on_node(cluster, "node1", "ls", "/tmp").split()
+    assert "hs-424242" not in left, left
+    assert {"hs-notajob", "unrelated", f"hs-{job_id}"} <= set(left), left
+    log = (home / "deployments" / job_id / "logs" / "node-0.log").read_text()
+    assert "removed /tmp/hs-424242, left by an earlier job that has ended" in log
+    on_node(cluster, "node1", "rm", "-rf", "/tmp/hs-notajob", "/tmp/unrelated")
