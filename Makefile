@@ -43,6 +43,7 @@ bench: install
 	$(PY) benchmarks/ray_formation.py
 	$(PY) benchmarks/bootstrap.py
 	$(PY) benchmarks/tunnel.py
+	$(PY) benchmarks/faults.py
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info

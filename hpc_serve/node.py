@@ -319,7 +319,7 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                     dep.set_phase("READY", f"{url}/v1")
                     log(f"READY at {url}/v1 (model {model})")
                     _publish_comment(job_id, f"{url}/v1", log)
-            stop.wait(1.0 if ready or rank > 0 else 0.1)
+            stop.wait(0.2 if rank > 0 else 1.0 if ready else 0.1)  # node 0 reads records: 1 s once READY
     finally:
         if engines:
             log("stopping " + ", ".join(e.process.name for e in reversed(engines)))
