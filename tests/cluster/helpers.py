@@ -16,6 +16,17 @@ from hpc_serve import localcluster
 HPC_SERVE = [sys.executable, "-m", "hpc_serve"]
 
 
+def _default_sigint() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+#: Popen arguments for a CLI process a test interrupts with SIGINT (Ctrl-C): a shell that runs the
+#: tests in the background ignores SIGINT, and its children would inherit that.
+CTRL_C_ABLE = {"preexec_fn": _default_sigint}
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: str | None = None,
             timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([*HPC_SERVE, *args], capture_output=True, text=True, cwd=cwd,

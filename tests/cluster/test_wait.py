@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .helpers import HPC_SERVE, all_nodes_reported, read_state, run_cli, squeue_ids, wait_for
+from .helpers import CTRL_C_ABLE, HPC_SERVE, all_nodes_reported, read_state, run_cli, squeue_ids, wait_for
 
 pytestmark = pytest.mark.cluster
 WHOLE_CLUSTER = ["--nodes", "4", "--gpus-per-node", "8", "--tp", "8", "--pp", "4", "--launcher", "mp"]
@@ -54,7 +54,7 @@ def test_submit_waits_by_default_and_ctrl_c_leaves_it_running(cluster, home):
     import signal
 
     proc = subprocess.Popen([*HPC_SERVE, "submit", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"],
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **CTRL_C_ABLE)
     line = proc.stdout.readline()
     job_id = line.split()[1]
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the node to report")

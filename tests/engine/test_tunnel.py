@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ..cluster.helpers import HPC_SERVE, run_cli, squeue_ids, wait_for
+from ..cluster.helpers import CTRL_C_ABLE, HPC_SERVE, run_cli, squeue_ids, wait_for
 from ..sshd import Sshd, ensure_installed
 from .test_engine import VLLM_ARGS
 
@@ -74,7 +74,8 @@ def chat(base_url: str, served, stream: bool = False):
 def test_foreground_tunnel_serves_reconnects_and_closes(served):
     pytest.importorskip("openai")
     proc = subprocess.Popen([*HPC_SERVE, "tunnel", served["id"], "--via", "login"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **served["env"]})
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **served["env"]},
+                            **CTRL_C_ABLE)
     up = proc.stdout.readline()
     assert up.startswith("tunnel up: http://127.0.0.1:") and "via login" in up, (up, proc.stderr.read())
     url = up.split()[2]
