@@ -8,7 +8,9 @@ load straight to the node and through the tunnel, alternating which goes first: 
 concurrent clients, each sending `--requests` streaming chat requests. Per round: throughput
 (completed requests per second) and the median time to first token. Reported: medians over
 rounds of the tunnel/direct throughput ratio (target >= 0.95) and of the added TTFT (<= 5 ms).
-Writes benchmarks/results/tunnel.{json,md}.
+`--pin` puts vLLM on CPU 1 and everything else (the load generator, ssh, sshd) on CPU 0, as when
+client, login host and node are different machines; by default all share both CPUs. Writes
+benchmarks/results/tunnel.{json,md} (`--pin`: tunnel-pinned.{json,md}).
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--ssh-options", default="", help="extra ssh options, e.g. '-c aes128-gcm@openssh.com'")
+    parser.add_argument("--pin", action="store_true", help="vLLM on CPU 1; load generator, ssh and sshd on CPU 0")
     args = parser.parse_args()
+    engine_env: list[str] = []
+    if args.pin:
+        os.sched_setaffinity(0, {0})  # inherited by sshd, the tunnel and its ssh
+        engine_env = ["--env", "VLLM_CPU_OMP_THREADS_BIND=1"]
     vllm = ensure_vllm_env(print)
     ensure_installed()
     cluster = localcluster.up(nodes=1)
@@ -93,8 +100,9 @@ def main() -> int:
         home = run_folder(cluster, "tunnel") / "home"
         env = {**os.environ, **cluster.env, "HPC_SERVE_HOME": str(home), "HPC_SERVE_PYTHON": sys.executable,
                "HPC_SERVE_SSH_CMD": f"{sshd.ssh_cmd} {args.ssh_options}".strip()}
-        done = subprocess.run([*CLI, "submit", vllm.model, "--gpus-per-node", "1", "--engine-cmd", vllm.engine_cmd,
-                               "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "300", "--",
+        engine_cmd = f"taskset -c 1 {vllm.engine_cmd}" if args.pin else vllm.engine_cmd
+        done = subprocess.run([*CLI, "submit", vllm.model, "--gpus-per-node", "1", "--engine-cmd", engine_cmd,
+                               *engine_env, "--env", "VLLM_CPU_KVCACHE_SPACE=1", "--timeout", "300", "--",
                                "--max-model-len", "512", "--enforce-eager"], env=env, capture_output=True,
                               text=True, check=True)
         job = done.stdout.split()[1]
@@ -127,12 +135,13 @@ def main() -> int:
     text = "\n".join([
         f"Median of {args.rounds} alternating rounds; each round {args.clients} concurrent clients x "
         f"{args.requests} streaming chat requests (16 tokens) per path; `python benchmarks/tunnel.py"
-        + (f" --ssh-options '{args.ssh_options}'" if args.ssh_options else "") + "`.", "",
+        + (f" --ssh-options '{args.ssh_options}'" if args.ssh_options else "") + (" --pin" if args.pin else "")
+        + "`.", "",
         "| path | throughput (req/s) | ratio | target |", "|---|---|---|---|",
         f"| straight to the node (baseline) | {direct:.2f} | 1.00 | |",
         f"| through `hpc-serve tunnel` (ssh -L via sshd on loopback) | {through:.2f} | {ratio:.2f} | >= 0.95 |", "",
         f"Added median time to first token through the tunnel: {added:+.1f} ms (target <= 5 ms).", ""])
-    write_results("tunnel", text, {"args": vars(args), "rounds": rounds})
+    write_results("tunnel-pinned" if args.pin else "tunnel", text, {"args": vars(args), "rounds": rounds})
     return 0 if ratio >= 0.95 and added <= 5 else 1
 
 

@@ -52,6 +52,9 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--port",), "port", "int", "API port (default: derived from the job id)"),
         (("--no-api-key",), "api_key", "off", "serve without the generated API key (warns)"),
         (("--max-restarts",), "max_restarts", "int", "requeue a failed deployment up to N times (default 0)"),
+        (("--auto-renew",), "auto_renew", "bool", "before the time limit, start a successor job that "
+         "takes over once READY"),
+        (("--renew-before",), "renew_before", "int", "minutes before the limit to submit it (default 30)"),
         (("--executor",), "executor", "str", "slurm (default) or local"),
         (("--profile",), "profile", "str", "named profile from your config"),
     ],

@@ -130,11 +130,31 @@ def status(key: str, home: str | None = None) -> DeploymentStatus:
     return describe(dep, queue_states([str(job.get("slurm_job_id") or dep.id)]))
 
 
+def serving(registry: Registry, dep: Deployment) -> Deployment:
+    """Of a chain of renewals (--auto-renew), the deployment that serves now: ``dep`` when READY,
+    else the successor it handed over to, or its READY predecessor while ``dep`` still loads."""
+    for _ in range(1000):
+        try:
+            state, job = dep.state, dep.read("job.json", {}) or {}
+        except CorruptRecord:
+            return dep
+        if state.get("phase") == "READY":
+            return dep
+        if state.get("successor") and state.get("phase") in TERMINAL:
+            dep = registry.deployment(state["successor"])
+            continue
+        before = registry.deployment(job["predecessor"]) if job.get("predecessor") else None
+        return before if before is not None and before.phase == "READY" else dep
+    return dep
+
+
 def endpoint(key: str, home: str | None = None) -> dict:
     """A READY deployment's endpoint: id, url, base, host, hostname, port, model, served_model,
-    api_key_file. HpcServeError, naming the phase, when it has none."""
-    dep = _registry(home).find(key)
-    row = status(key, home)
+    api_key_file. HpcServeError, naming the phase, when it has none. A renewed deployment's id
+    or name gives the endpoint of the job that serves now."""
+    registry = _registry(home)
+    dep = serving(registry, registry.find(key))
+    row = status(dep.id, home)
     if row.problem:
         raise HpcServeError(f"Deployment {dep.id}: {row.problem}", "Inspect or delete that file.")
     if row.phase != "READY" or not row.live:
@@ -204,9 +224,37 @@ def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5
         time.sleep(poll_s)
 
 
+def renewal_chain(registry: Registry, dep: Deployment) -> list[Deployment]:
+    """``dep`` and the deployments linked to it by --auto-renew (predecessors and successors)."""
+    chain, seen = [dep], {dep.id}
+    for link, source in (("predecessor", "job.json"), ("successor", "state.json")):
+        current = dep
+        while True:
+            try:
+                linked = (current.read(source, {}) or {}).get(link)
+            except CorruptRecord:
+                break
+            if not linked or linked in seen:
+                break
+            seen.add(linked)
+            current = registry.deployment(linked)
+            chain.append(current)
+    return chain
+
+
 def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> DeploymentStatus:
-    """Cancel a deployment and wait until its job has left the queue."""
-    dep = _registry(home).find(key)
+    """Cancel a deployment (and the live rest of its --auto-renew chain); wait until its job has
+    left the queue."""
+    registry = _registry(home)
+    dep = registry.find(key)
+    others = [d for d in renewal_chain(registry, dep)[1:] if os.path.isdir(d.path) and status(d.id, home).live]
+    rows = [_cancel_one(d, home, timeout_s) for d in others]
+    if rows and not status(dep.id, home).live:  # it handed over: its successors were what to cancel
+        return rows[-1]
+    return _cancel_one(dep, home, timeout_s)
+
+
+def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> DeploymentStatus:
     current = status(dep.id, home)
     if not current.live:
         raise HpcServeError(f"Deployment {dep.id} has already ended ({current.phase}, Slurm: {current.slurm_state}).",
@@ -240,4 +288,6 @@ def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> Deploy
 
 def cancel_all(home: str | None = None) -> list[DeploymentStatus]:
     """Cancel every live deployment."""
-    return [cancel(row.id, home) for row in statuses(home) if row.live and not row.problem]
+    registry = _registry(home)
+    return [_cancel_one(registry.deployment(row.id), home, 30.0)
+            for row in statuses(home) if row.live and not row.problem]

@@ -138,7 +138,7 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
         _await_decision(dep, stop)
     if stop.is_set():
         log(f"received {ended.get('signal', 'stop')}: ending")
-    if rank == 0 and dep.phase not in ("FAILED", "RESTARTING"):
+    if rank == 0 and dep.phase not in (*TERMINAL, "RESTARTING"):
         failed = _failed_nodes(dep, restart)
         if failed:
             code = end_failed(failed[0])
@@ -174,6 +174,24 @@ def _end_failed(spec: DeploymentSpec, dep: Deployment, job_id: str, reason: str,
         return 1
     log(f"requeued job {job_id} (restart {failures} of {spec.max_restarts})")
     stop.wait(60)  # Slurm ends this run now (SIGTERM) and queues the job again
+    return 0
+
+
+def _hand_over(dep: Deployment, job_id: str, successor: Deployment, log: NodeLog,
+               stop: threading.Event) -> int:
+    """The successor serves: withdraw this endpoint, record STOPPED and end this job."""
+    from .slurm import scancel
+
+    url = successor.endpoint.get("url", "?")
+    _withdraw_endpoint(dep, job_id, log)
+    dep.set_phase("STOPPED", f"replaced by its successor {successor.id}, READY at {url}")
+    log(f"--auto-renew: successor {successor.id} is READY at {url}; ending this job")
+    try:
+        scancel(job_id)
+    except HpcServeError as exc:
+        log(f"could not cancel job {job_id}: {exc.problem}")
+        return 1
+    stop.wait(30)
     return 0
 
 
@@ -270,6 +288,11 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     shm_before = shm_files()
     engines: list[EngineProcess] = []
     ready = False
+    renewal = None
+    if rank == 0 and spec.auto_renew and job_id.isdigit():
+        from .renew import Renewal
+
+        renewal = Renewal(dep, job_id, spec.renew_before, log)
     try:
         for planned in plan.processes:
             if planned.name == "ray" and rank > 0 and not _wait_for_ray_token(dep, stop):
@@ -319,6 +342,12 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                     dep.set_phase("READY", f"{url}/v1")
                     log(f"READY at {url}/v1 (model {model})")
                     _publish_comment(job_id, f"{url}/v1", log)
+                    if renewal is not None:
+                        renewal.start()
+                elif ready and renewal is not None:
+                    successor = renewal.step()
+                    if successor is not None:
+                        return _hand_over(dep, job_id, successor, log, stop)
             stop.wait(0.2 if rank > 0 else 1.0 if ready else 0.1)  # node 0 reads records: 1 s once READY
     finally:
         if engines:

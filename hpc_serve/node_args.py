@@ -31,6 +31,8 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--no-api-key"]
     if spec.max_restarts:
         args += ["--max-restarts", str(spec.max_restarts)]
+    if spec.auto_renew:
+        args += ["--auto-renew", "--renew-before", str(spec.renew_before), "--time", str(spec.time)]
     if spec.vllm_args:
         args += ["--", *spec.vllm_args]
     return args
@@ -50,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-cmd", default="ray")
     p.add_argument("--no-api-key", dest="api_key", action="store_false")
     p.add_argument("--max-restarts", type=int, default=0)
+    p.add_argument("--auto-renew", action="store_true")
+    p.add_argument("--renew-before", type=int, default=30)
+    p.add_argument("--time")
     p.add_argument("vllm_args", nargs="*")
     return p
 

@@ -180,6 +180,10 @@ class Deployment:
             os.unlink(temp)
         return self.read_secret(name)
 
+    def write_secret(self, name: str, value: str) -> None:
+        """Put ``value`` in file ``name`` (0600, atomic), replacing what was there."""
+        _retry(_write_atomic, self.file(name), value)
+
     def read_secret(self, name: str) -> str:
         """The secret in file ``name`` ('' when there is none)."""
         try:

@@ -152,3 +152,32 @@ def jobs_on_node(node: str) -> set[str] | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return set(done.stdout.split()) if done.returncode == 0 else None
+
+
+def job_fields(job_id: str) -> dict[str, str]:
+    """``scontrol show job``'s Key=Value fields of ``job_id`` ({} when it cannot say)."""
+    code, text = _scontrol("show", "job", "--oneliner", job_id)
+    return dict(re.findall(r"(\w+)=(\S*)", text)) if code == 0 else {}
+
+
+def parse_duration(text: str) -> float | None:
+    """Seconds in Slurm's [D-]HH:MM:SS / MM:SS (squeue's %L); None for UNLIMITED and the like."""
+    found = re.fullmatch(r"(?:(\d+)-)?(?:(\d+):)?(\d+):(\d+)", text.strip())
+    if not found:
+        return None
+    days, hours, minutes, seconds = (int(part or 0) for part in found.groups())
+    return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
+
+def time_left(job_id: str) -> float | None:
+    """Seconds until ``job_id`` reaches its time limit (None without a limit or squeue)."""
+    import subprocess
+
+    if which("squeue") is None:
+        return None
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%L"],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_duration(done.stdout) if done.returncode == 0 else None

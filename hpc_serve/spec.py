@@ -20,7 +20,7 @@ SETTING_KINDS: dict[str, str] = {
     "mem": "str", "name": "str", "env": "list", "setup": "list", "container": "str",
     "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
     "home": "str", "python": "str", "login_host": "str", "ssh_cmd": "str",
-    "api_key": "bool", "max_restarts": "int",
+    "api_key": "bool", "max_restarts": "int", "auto_renew": "bool", "renew_before": "int",
 }
 EXECUTORS = ("slurm", "local")
 DEFAULT_ALL2ALL = "allgather_reducescatter"
@@ -60,6 +60,8 @@ class DeploymentSpec:
     python: str = "python3"
     api_key: bool = True
     max_restarts: int = 0
+    auto_renew: bool = False
+    renew_before: int = 30
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -129,6 +131,16 @@ def _check_directive(option: str, value: str | None) -> None:
         )
 
 
+def _check_renewal(time: str | None, renew_before: int) -> None:
+    if time is None:
+        raise HpcServeError("--auto-renew needs a time limit to renew before.",
+                            "Give --time, e.g. --time 24:00:00 --auto-renew.")
+    if not 1 <= renew_before < parse_time(time):
+        raise HpcServeError(
+            f"--renew-before {renew_before} must be at least 1 minute and less than --time {time}.",
+            "Give the minutes a successor needs to queue and load, e.g. --renew-before 30.")
+
+
 def _check_container(image: str | None) -> None:
     if image is None:
         return
@@ -176,6 +188,8 @@ def build_spec(
     ssh_cmd: str = "ssh",
     api_key: bool = True,
     max_restarts: int = 0,
+    auto_renew: bool = False,
+    renew_before: int = 30,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     from .vllm_args import check_passthrough  # local: keeps the import graph one-way
@@ -210,6 +224,8 @@ def build_spec(
     if not 0 <= max_restarts <= MAX_RESTARTS:
         raise HpcServeError(f"--max-restarts must be between 0 and {MAX_RESTARTS} (got {max_restarts}).",
                             "Give how many times a failed deployment may be requeued, e.g. --max-restarts 2.")
+    if auto_renew:
+        _check_renewal(time, renew_before)
     if executor not in EXECUTORS:
         raise HpcServeError(f"Unknown executor {executor!r}.", f"Use one of: {', '.join(EXECUTORS)}.")
     for option, value in (("partition", partition), ("account", account), ("qos", qos),
@@ -232,5 +248,6 @@ def build_spec(
         cpus_per_node=cpus_per_node, mem=mem, name=name, env=parse_env(env), setup=tuple(setup),
         container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
         executor=executor, home=home, python=python, api_key=api_key, max_restarts=max_restarts,
+        auto_renew=auto_renew, renew_before=renew_before,
         warnings=layout.warnings + warnings,
     )

@@ -45,9 +45,10 @@ def _executor(spec: DeploymentSpec, root: str):
     import submitit
 
     folder = os.path.join(root, "submitit", "%j")
-    if spec.executor == "local" and spec.max_restarts:
-        raise HpcServeError("--max-restarts needs Slurm: a restart is a requeue of the job.",
-                            "Leave --max-restarts out with --executor local.")
+    if spec.executor == "local" and (spec.max_restarts or spec.auto_renew):
+        option = "--max-restarts" if spec.max_restarts else "--auto-renew"
+        raise HpcServeError(f"{option} needs Slurm: it requeues or resubmits the job.",
+                            f"Leave {option} out with --executor local.")
     if spec.executor == "local":
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(tasks_per_node=spec.layout.nodes, nodes=1,

@@ -147,15 +147,24 @@ class Tunnel:
 
 
 def endpoint_target(dep_path: str) -> Target:
-    """The deployment's endpoint as its registry folder records it, read on each call."""
+    """The deployment's endpoint as its registry folder records it (or its successor's, once it
+    handed over), read on each call."""
     from .registry import read_json
 
     def current() -> tuple[str, int] | None:
-        try:
-            data = read_json(os.path.join(dep_path, "endpoint.json"), {}) or {}
-        except (OSError, HpcServeError):
-            return None
-        return (data["host"], int(data["port"])) if data.get("host") and data.get("port") else None
+        path = dep_path
+        for _ in range(1000):  # along the successors of --auto-renew
+            try:
+                data = read_json(os.path.join(path, "endpoint.json"), {}) or {}
+                state = read_json(os.path.join(path, "state.json"), {}) or {}
+            except (OSError, HpcServeError):
+                return None
+            if data.get("host") and data.get("port"):
+                return data["host"], int(data["port"])
+            if not state.get("successor") or state.get("phase") != "STOPPED":
+                return None
+            path = os.path.join(os.path.dirname(path), state["successor"])
+        return None
 
     return current
 

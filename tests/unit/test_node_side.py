@@ -32,3 +32,39 @@ def test_a_beat_that_stops_moving_is_reported_after_the_silence(tmp_path, monkey
     watcher._checked_at = -1.0
     assert watcher.silent([1]) == []
     assert watcher.reason(1, "node2").startswith("node 1 (node2) stopped reporting: no sign of life for 0 s")
+
+
+def test_slurm_durations():
+    from hpc_serve.slurm import parse_duration
+
+    assert parse_duration("1:50") == 110 and parse_duration("2:05:00\n") == 7500
+    assert parse_duration("1-00:00:01") == 86401 and parse_duration("UNLIMITED") is None
+
+
+def renewal_chain(tmp_path):
+    """Deployment 1 handed over to 2 (READY); 3 is 2's successor, still loading."""
+    registry = Registry(str(tmp_path))
+    deps = [registry.deployment(str(i)).ensure() for i in (1, 2, 3)]
+    deps[0].write("state.json", {"phase": "STOPPED", "successor": "2"})
+    deps[1].write("state.json", {"phase": "READY", "successor": "3"})
+    deps[1].write("endpoint.json", {"host": "10.0.0.2", "port": 2002, "url": "http://10.0.0.2:2002/v1"})
+    deps[2].write("state.json", {"phase": "LOADING"})
+    deps[2].write("job.json", {"predecessor": "2"})
+    return registry, deps
+
+
+def test_the_serving_deployment_of_a_renewal_chain(tmp_path):
+    from hpc_serve.client import serving
+
+    registry, deps = renewal_chain(tmp_path)
+    assert [serving(registry, dep).id for dep in deps] == ["2", "2", "2"]
+    deps[2].write("state.json", {"phase": "READY"})
+    assert serving(registry, deps[2]).id == "3" and serving(registry, deps[0]).id == "2"
+
+
+def test_the_tunnel_target_follows_a_hand_over(tmp_path):
+    from hpc_serve.tunnel import endpoint_target
+
+    registry, deps = renewal_chain(tmp_path)
+    assert endpoint_target(deps[0].path)() == ("10.0.0.2", 2002)
+    assert endpoint_target(deps[2].path)() is None  # still loading: the tunnel stays where it is

@@ -180,3 +180,16 @@ def test_max_restarts_needs_slurm():
 
     with pytest.raises(HpcServeError, match="--max-restarts needs Slurm"):
         submit(build_spec(model="org/m", gpus_per_node=1, max_restarts=1, executor="local"))
+
+
+def test_auto_renew_needs_a_time_limit_longer_than_its_lead_and_reaches_the_agent():
+    from hpc_serve.node_args import parse_node_args, to_node_args
+
+    with pytest.raises(HpcServeError, match="--auto-renew needs a time limit"):
+        build_spec(model="org/m", gpus_per_node=1, auto_renew=True)
+    with pytest.raises(HpcServeError, match="--renew-before 60 must be at least 1 minute and less than"):
+        build_spec(model="org/m", gpus_per_node=1, auto_renew=True, time="1:00:00", renew_before=60)
+    spec = build_spec(model="org/m", gpus_per_node=1, auto_renew=True, time="4", renew_before=3)
+    values = parse_node_args(["--model", "org/m", *to_node_args(spec)])
+    again = build_spec(executor="local", **values)
+    assert again.auto_renew and again.renew_before == 3 and again.time == "4"
