@@ -47,3 +47,5 @@ def print_connect(dep: Deployment, login_host: str | None) -> None:
         print(f'                  export OPENAI_API_KEY="$(cat {shlex.quote(endpoint["api_key_file"])})"')
     else:
         print("                  (no API key: started with --no-api-key)")
+    print(f"or, with hpc-serve on your laptop (a free port, reconnects, follows restarts): "
+          f"hpc-serve tunnel {dep.id} --via {via}")

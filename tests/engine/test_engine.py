@@ -98,6 +98,7 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     assert f"READY: {url}" in done.stdout
     host_port = url.removeprefix("http://").removesuffix("/v1")
     assert f"ssh -N -L 127.0.0.1:8000:{host_port} " in done.stdout
+    assert f"hpc-serve tunnel {job_id} --via " in done.stdout
     assert "LOADING" in done.stderr  # the progress lines
     def comment():
         return subprocess.run(["squeue", "--noheader", "--format=%k", "--jobs", job_id], env=cluster.env,
