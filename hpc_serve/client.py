@@ -140,8 +140,8 @@ def serving(registry: Registry, dep: Deployment) -> Deployment:
             return dep
         if state.get("phase") == "READY":
             return dep
-        if dep.handed_over_to is not None:
-            dep = dep.handed_over_to
+        if state.get("successor") and state.get("phase") in TERMINAL:
+            dep = registry.deployment(state["successor"])
             continue
         before = registry.deployment(job["predecessor"]) if job.get("predecessor") else None
         return before if before is not None and before.phase == "READY" else dep

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -434,13 +435,19 @@ def _sweep_stale_tmp(job_id: str, identity: dict, log: NodeLog) -> None:
 
 def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:
     """Put the endpoint in the job's comment, so that `squeue -o %k` shows it."""
-    from .slurm import scontrol
+    from .slurm import which
 
-    if not job_id.isdigit():
+    scontrol = which("scontrol")
+    if not job_id.isdigit() or scontrol is None:
         return
-    code, text = scontrol("update", f"JobId={job_id}", f"Comment={url}")
-    if code not in (0, 127):  # 127: no scontrol here, nothing to publish to
-        log(f"could not set the job comment: {text}")
+    try:
+        done = subprocess.run([scontrol, "update", f"JobId={job_id}", f"Comment={url}"],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log(f"could not set the job comment: {exc}")
+        return
+    if done.returncode != 0:
+        log(f"could not set the job comment: {done.stderr.strip()}")
 
 
 def _mark(dep: Deployment, rank: int, event: str, at: float | None = None, fresh: bool = False) -> None:

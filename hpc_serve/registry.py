@@ -162,13 +162,6 @@ class Deployment:
         except FileNotFoundError:
             pass
 
-    @property
-    def handed_over_to(self) -> "Deployment | None":
-        """The successor this deployment handed its endpoint to (--auto-renew), once it ended."""
-        state = self.state
-        successor = state.get("successor")
-        return Deployment(self.root, successor) if successor and state.get("phase") in TERMINAL else None
-
     def log_path(self, rank: int) -> str:
         return self.file("logs", f"node-{rank}.log")
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import time
+
 from typing import Callable
 
 from .registry import TERMINAL, Deployment, Registry
@@ -35,14 +36,6 @@ def _run(argv: list[str], **kwargs) -> str:
     return done.stdout.strip()
 
 
-def _scontrol(*args: str) -> None:
-    from .slurm import scontrol
-
-    code, text = scontrol(*args)
-    if code != 0:
-        raise RenewalFailed(f"scontrol {args[0]} failed: {text or code}")
-
-
 def submit_successor(dep: Deployment, job_id: str, renew_before_min: int) -> str:
     """Submit, register and release a copy of ``job_id``; return the successor's job id."""
     from .slurm import job_fields
@@ -51,7 +44,7 @@ def submit_successor(dep: Deployment, job_id: str, renew_before_min: int) -> str
     if not fields:
         raise RenewalFailed(f"scontrol show job {job_id} gave nothing to copy")
     script = dep.file("successor.sbatch")
-    _scontrol("write", "batch_script", job_id, script)
+    _run(["scontrol", "write", "batch_script", job_id, script])
     argv = ["sbatch", "--parsable", "--hold"]
     argv += [f"{flag}={fields[key]}" for key, flag in _COPIED_FIELDS
              if fields.get(key) not in (None, "", "(null)", "UNLIMITED")]
@@ -62,7 +55,7 @@ def submit_successor(dep: Deployment, job_id: str, renew_before_min: int) -> str
     try:
         _register(dep, job_id, new_id, renew_before_min)
     finally:
-        _scontrol("release", new_id)
+        _run(["scontrol", "release", new_id])
     return new_id
 
 

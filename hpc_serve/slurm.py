@@ -113,49 +113,50 @@ def scancel(job_id: str) -> None:
                             "Check the job with 'squeue -j JOBID'.")
 
 
-def _tool(command: str, *args: str, timeout: float = 30) -> tuple[int, str]:
-    """(exit code, output or error) of one Slurm command; (127, reason) when it cannot run."""
+def _scontrol(*args: str) -> tuple[int, str]:
+    """(exit code, output or error) of one scontrol call; (127, reason) when it cannot run."""
     import subprocess
 
-    if which(command) is None:
-        return 127, f"{command} is not on PATH"
+    if which("scontrol") is None:
+        return 127, "scontrol is not on PATH"
     try:
-        done = subprocess.run([command, *args], capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 1, str(exc)
     return done.returncode, (done.stdout if done.returncode == 0 else done.stderr).strip()
 
 
-def scontrol(*args: str) -> tuple[int, str]:
-    """(exit code, output or error) of one scontrol call."""
-    return _tool("scontrol", *args)
-
-
 def requeue(job_id: str) -> str | None:
     """Ask Slurm to requeue ``job_id`` (it ends this run and queues the job again); None when it
     accepted, else its reason."""
-    code, text = scontrol("requeue", job_id)
+    code, text = _scontrol("requeue", job_id)
     return None if code == 0 else text or f"scontrol requeue exited with {code}"
 
 
 def restart_count(job_id: str) -> int | None:
     """How many times Slurm has requeued ``job_id`` (``Restarts=`` of scontrol show job), or None."""
-    count = job_fields(job_id).get("Restarts", "")
-    return int(count) if count.isdigit() else None
+    code, text = _scontrol("show", "job", "--oneliner", job_id)
+    found = re.search(r"\bRestarts=(\d+)", text) if code == 0 else None
+    return int(found.group(1)) if found else None
 
 
 def jobs_on_node(node: str) -> set[str] | None:
     """The ids of this user's jobs that Slurm has on ``node`` (None when squeue cannot say)."""
-    if not node:
+    import subprocess
+
+    if which("squeue") is None or not node:
         return None
-    code, text = _tool("squeue", "--noheader", "--user", str(os.getuid()), "--nodelist", node, "--format=%i",
-                       timeout=15)
-    return set(text.split()) if code == 0 else None
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--nodelist", node,
+                               "--format=%i"], capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(done.stdout.split()) if done.returncode == 0 else None
 
 
 def job_fields(job_id: str) -> dict[str, str]:
     """``scontrol show job``'s Key=Value fields of ``job_id`` ({} when it cannot say)."""
-    code, text = scontrol("show", "job", "--oneliner", job_id)
+    code, text = _scontrol("show", "job", "--oneliner", job_id)
     return dict(re.findall(r"(\w+)=(\S*)", text)) if code == 0 else {}
 
 
@@ -170,5 +171,13 @@ def parse_duration(text: str) -> float | None:
 
 def time_left(job_id: str) -> float | None:
     """Seconds until ``job_id`` reaches its time limit (None without a limit or squeue)."""
-    code, text = _tool("squeue", "--noheader", "--jobs", job_id, "--format=%L", timeout=15)
-    return parse_duration(text) if code == 0 else None
+    import subprocess
+
+    if which("squeue") is None:
+        return None
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--jobs", job_id, "--format=%L"],
+                              capture_output=True, text=True, timeout=15, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return parse_duration(done.stdout) if done.returncode == 0 else None

@@ -1,7 +1,6 @@
 """A node that stops answering (frozen: every process in its namespace stopped, as a hung or
 powered-off machine looks to the others) on the real cluster."""
 
-import json
 import os
 import signal
 import time
@@ -13,17 +12,6 @@ from hpc_serve import localcluster
 from .helpers import job_processes, read_state, run_cli, squeue_ids, wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def beats_seen(home, job_id: str) -> int:
-    """The fewest heartbeats any node of the deployment has written so far."""
-    counts = []
-    for rank in (0, 1):
-        try:
-            counts.append(json.loads((home / "deployments" / job_id / "beats" / f"{rank}.json").read_text())["beat"])
-        except (FileNotFoundError, ValueError):
-            counts.append(0)
-    return min(counts)
 
 
 def freeze(cluster, node: str, sig: int) -> None:
@@ -41,7 +29,7 @@ def test_a_frozen_node_fails_the_deployment_within_15_s_naming_it(cluster, home,
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.split()[1]
     wait_for(lambda: read_state(home, job_id).get("phase") == "LOADING", 60, "both nodes to start")
-    wait_for(lambda: beats_seen(home, job_id) >= 2, 20, "each agent to beat twice")
+    time.sleep(3)  # a few beats seen
     frozen_at = time.time()
     freeze(cluster, frozen, signal.SIGSTOP)
     try:
