@@ -50,6 +50,10 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--engine-cmd",), "engine_cmd", "str", "engine command (default 'vllm serve')"),
         (("--ray-cmd",), "ray_cmd", "str", "Ray's command for the Ray launcher (default 'ray')"),
         (("--port",), "port", "int", "API port (default: derived from the job id)"),
+        (("--network",), "network", "str", "the nodes' network for vLLM, Ray, Gloo and NCCL: an "
+         "interface (ib0) or a CIDR (10.1.0.0/16); default: the route to node 0"),
+        (("--cache-dir",), "cache_dir", "str", "vLLM's compile cache, shared by deployments "
+         "(default: $VLLM_CACHE_ROOT, else ~/.cache/vllm)"),
         (("--no-api-key",), "api_key", "off", "serve without the generated API key (warns)"),
         (("--max-restarts",), "max_restarts", "int", "requeue a failed deployment up to N times (default 0)"),
         (("--auto-renew",), "auto_renew", "bool", "before the time limit, start a successor job that "

@@ -1,11 +1,13 @@
 """Running the engine on a node: runtime values, port checks, process groups, readiness probes.
 
 Stdlib only (runs inside the allocation). Every process is started in its own session so that
-the agent can end it and all its children on every path, whatever Slurm's process tracking is.
+the agent can end it and all its children on every path, whatever Slurm's process tracking is,
+and with a parent-death signal, so that it ends with its agent even when the agent is killed.
 """
 
 from __future__ import annotations
 
+import ctypes
 import glob
 import json
 import os
@@ -27,6 +29,10 @@ from .vllm_args import Runtime
 SHM_PATTERNS = ("psm_*", "sem.mp-*", "vllm*")
 #: The environment variable that marks every process a node agent starts.
 MARKER = "HPC_SERVE_PROCESS"
+#: The signal an engine's process leader gets when its agent dies (vLLM and Ray then stop their
+#: own children, as on a cancel).
+PARENT_DEATH_SIGNAL = signal.SIGTERM
+_PR_SET_PDEATHSIG = 1
 
 
 def job_number(job_id: str) -> int:
@@ -66,19 +72,18 @@ class EngineProcess:
         self.process, self.log_path, self.tmp_dir, self.marker = process, log_path, tmp_dir, marker
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        for sub in ("vllm-cache", "inductor", "tmp"):
-            os.makedirs(os.path.join(self.tmp_dir, sub), mode=0o700, exist_ok=True)
-        env = {**os.environ, **dict(self.process.env),
-               "VLLM_CACHE_ROOT": os.path.join(self.tmp_dir, "vllm-cache"),
-               "TORCHINDUCTOR_CACHE_DIR": os.path.join(self.tmp_dir, "inductor"),
-               "TMPDIR": os.path.join(self.tmp_dir, "tmp"), MARKER: self.marker,
-               "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"}
+    def start(self, cache_dir: str | None = None) -> None:
+        """Start it; ``cache_dir`` is the compile cache setting (see :func:`cache_env`)."""
+        os.makedirs(os.path.join(self.tmp_dir, "tmp"), mode=0o700, exist_ok=True)
+        env = {**os.environ, **dict(self.process.env)}
+        env.update(cache_env(cache_dir, env))
+        env.update({"TMPDIR": os.path.join(self.tmp_dir, "tmp"), MARKER: self.marker,
+                    "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "PYTHONUNBUFFERED": "1"})
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             self.popen = subprocess.Popen(list(self.process.argv), env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
+                                          start_new_session=True, preexec_fn=_parent_death_hook())
         except OSError as exc:
             raise RuntimeError(f"cannot start {self.process.argv[0]}: {exc.strerror}") from None
         finally:
@@ -102,17 +107,41 @@ class EngineProcess:
                 self.popen.wait(2)
             except subprocess.TimeoutExpired:
                 pass
-        for pid in marked_pids(self.marker):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        _signal_all(marked_pids(self.marker), signal.SIGKILL)
 
 
-def marked_pids(marker: str) -> list[int]:
-    """Our own processes whose environment carries ``marker``."""
-    needle = f"\0{MARKER}={marker}\0".encode()
-    pids = []
+def cache_env(cache_dir: str | None, environ: dict[str, str]) -> dict[str, str]:
+    """Where vLLM's compile cache and torch's inductor cache go: one folder per user, shared by
+    deployments and kept between jobs, so that the next start of a model skips torch.compile.
+
+    ``cache_dir`` (the ``cache_dir`` setting) wins; else the user's own ``VLLM_CACHE_ROOT``; else
+    vLLM's default (``~/.cache/vllm``). ``TORCHINDUCTOR_CACHE_DIR`` follows it unless the user
+    set one (torch's default lies under TMPDIR, which is per job)."""
+    root = os.path.expanduser(cache_dir or environ.get("VLLM_CACHE_ROOT") or
+                              os.path.join(environ.get("XDG_CACHE_HOME") or
+                                           os.path.join(os.path.expanduser("~"), ".cache"), "vllm"))
+    inductor = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(root, "inductor")
+    for folder in (root, inductor):
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    return {"VLLM_CACHE_ROOT": root, "TORCHINDUCTOR_CACHE_DIR": inductor}
+
+
+def _parent_death_hook():
+    """A function for the child to run before exec: it gets PARENT_DEATH_SIGNAL when the agent
+    (the thread that started it) dies. None where prctl is missing (not Linux): there the next
+    agent's sweep ends what a dead agent left. libc is looked up here, not after the fork."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    signum = int(PARENT_DEATH_SIGNAL)
+    return lambda: prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
+
+def marked_processes(prefix: str = "") -> dict[int, str]:
+    """{pid: marker} of this user's processes whose marker starts with ``prefix``."""
+    needle = f"\0{MARKER}={prefix}".encode()
+    found: dict[int, str] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit() or int(name) == os.getpid():
             continue
@@ -120,11 +149,63 @@ def marked_pids(marker: str) -> list[int]:
             if os.stat(f"/proc/{name}").st_uid != os.getuid():
                 continue
             with open(f"/proc/{name}/environ", "rb") as handle:
-                if needle in b"\0" + handle.read() + b"\0":
-                    pids.append(int(name))
+                environ = b"\0" + handle.read()
         except OSError:
             continue
-    return pids
+        at = environ.find(needle)
+        if at >= 0:
+            found[int(name)] = environ[at + len(MARKER) + 2:].split(b"\0", 1)[0].decode(errors="replace")
+    return found
+
+
+def marked_pids(marker: str) -> list[int]:
+    """Our own processes whose environment carries exactly ``marker``."""
+    return [pid for pid, value in marked_processes(marker).items() if value == marker]
+
+
+def end_leftovers(live_jobs: set[str] | None, own_job: str) -> dict[str, list[int]]:
+    """End the processes that agents of ended jobs left on this node (an agent killed with SIGKILL
+    cannot stop its engine): only this user's, only those with our marker, never ``own_job``'s.
+    A Slurm job counts as ended when it is not in ``live_jobs`` (all of this user's jobs Slurm
+    knows; None: Slurm cannot say, so none is touched), a local one when its controller is gone.
+    Returns {marker: pids} of what was ended."""
+    left: dict[str, list[int]] = {}
+    for pid, marker in marked_processes().items():
+        job = marker.partition("/")[0]
+        if job == own_job or not _job_gone(job, live_jobs):
+            continue
+        left.setdefault(marker, []).append(pid)
+    pids = [pid for group in left.values() for pid in group]
+    _signal_all(pids, signal.SIGTERM)
+    if not wait_until(lambda: not any(_alive(pid) for pid in pids), 3.0):
+        _signal_all(pids, signal.SIGKILL)
+    return left
+
+
+def _signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except OSError:
+            pass
+
+
+def _job_gone(job: str, live_jobs: set[str] | None) -> bool:
+    """Whether job ``job`` has ended; a local job id names its controller's pid."""
+    if job.isdigit():
+        return live_jobs is not None and job not in live_jobs
+    if job.startswith("local-") and job[6:].isdigit():
+        return not _alive(int(job[6:]))
+    return False
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie, which PID 1 may reap lazily, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def shm_files() -> set[str]:

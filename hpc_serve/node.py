@@ -11,8 +11,9 @@ Cancel and the time-limit signal stop vLLM (then Ray) and record STOPPED or TIME
 
 Restarts: a requeued job runs again under the same id with SLURM_RESTART_COUNT set; every record of
 a run carries that count, so nothing of an earlier run is mistaken for this one. Rank 0 requeues a
-failed deployment itself while `--max-restarts` allows (RESTARTING), and tells a requeue by Slurm
-(preemption, `scontrol requeue`) from a cancel when the SIGTERM comes.
+failed deployment itself while `--max-restarts` allows (RESTARTING). When a signal ends the run,
+`hpc_serve.ending` decides why (cancel, time limit, requeue, or another node's agent vanishing)
+at once, while the engines stop.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from .ending import judge, note_signal
 from .errors import HpcServeError
 from .heartbeat import Heartbeat
 from .launch import make_plan
@@ -34,8 +36,8 @@ from .registry import TERMINAL, Deployment, Registry, create_json, registry_root
 from .spec import DeploymentSpec, build_spec
 
 JOIN_TIMEOUT_S = float(os.environ.get("HPC_SERVE_JOIN_TIMEOUT", "120"))
-_END_SIGNALS = {signal.SIGTERM: "STOPPED", signal.SIGINT: "STOPPED",
-                signal.SIGUSR1: "TIMEOUT", signal.SIGUSR2: "TIMEOUT"}
+#: The signals that end a run (USR1 and USR2: the time limit is near; see hpc_serve.ending).
+_END_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class DeploymentFailed(RuntimeError):
@@ -56,20 +58,41 @@ class NodeLog:
             handle.write(line + "\n")
 
 
-def node_identity(rank: int) -> dict[str, Any]:
-    """What this node is, as Slurm and the network see it."""
-    hostname = socket.gethostname()
-    try:
-        ip = socket.gethostbyname(hostname)
-    except OSError:
-        ip = "127.0.0.1"
+def node_identity(rank: int, ip: str) -> dict[str, Any]:
+    """What this node is, as Slurm and the network see it (``ip``: the address it serves on)."""
     env = os.environ
     return {
-        "rank": rank, "hostname": hostname, "ip": ip, "pid": os.getpid(), "started": time.time(),
-        "slurm_node_id": env.get("SLURM_NODEID"), "slurmd_nodename": env.get("SLURMD_NODENAME"),
+        "rank": rank, "hostname": socket.gethostname(), "ip": ip, "pid": os.getpid(),
+        "started": time.time(), "slurm_node_id": env.get("SLURM_NODEID"),
+        "slurmd_nodename": env.get("SLURMD_NODENAME"),
         "cuda_visible_devices": env.get("CUDA_VISIBLE_DEVICES"),
         "slurm_gpus_on_node": env.get("SLURM_GPUS_ON_NODE"),
     }
+
+
+def _node_address(spec: DeploymentSpec, dep: Deployment, rank: int, restart: int, multi_host: bool,
+                  stop: threading.Event) -> tuple[str, str]:
+    """(this node's address, how it was chosen). A follower first waits for node 0's record: its
+    default is the address its route to node 0 leaves from. With a named network, Gloo and NCCL
+    are pointed at the same interface unless the user chose one. Raises HpcServeError."""
+    from .engine import wait_until
+    from .netaddr import choose_address
+
+    head_ip = None
+    if rank > 0 and spec.network is None:
+        wait_until(lambda: 0 in dep.nodes(restart), JOIN_TIMEOUT_S, stop=stop)
+        head_ip = dep.nodes(restart).get(0, {}).get("ip")
+    chosen = choose_address(spec.network, head_ip)
+    if multi_host and chosen.ip.startswith("127."):
+        raise HpcServeError(f"{socket.gethostname()} has only a loopback address ({chosen.ip}), which "
+                            "the other nodes cannot reach.",
+                            "Name the network the nodes share: --network IFACE (e.g. ib0) or a CIDR.")
+    if spec.network and chosen.interface:
+        user_env = dict(spec.env)
+        for name in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+            if name not in os.environ and name not in user_env:
+                os.environ[name] = chosen.interface
+    return chosen.ip, chosen.how
 
 
 def _wait_for_nodes(dep: Deployment, count: int, restart: int, log: NodeLog,
@@ -96,59 +119,87 @@ def run(spec: DeploymentSpec, rank: int, job_id: str, executor: str) -> int:
     dep = Registry(registry_root(spec.home)).deployment(job_id).ensure()
     log = NodeLog(dep.log_path(rank), rank)
     restart = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    started = time.time()
     ended: dict[str, str] = {}
     stop = threading.Event()
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        ended.setdefault("phase", _END_SIGNALS[signum])
-        ended.setdefault("signal", signal.Signals(signum).name)
-        stop.set()
-
-    for signum in _END_SIGNALS:
-        signal.signal(signum, on_signal)
-
-    identity = {**node_identity(rank), "restart": restart}
-    _mark(dep, rank, "agent_start", at=identity["started"], fresh=True)
-    if rank == 0 and os.environ.get("HPC_SERVE_JOB_START"):
-        _mark(dep, rank, "job_start", at=float(os.environ["HPC_SERVE_JOB_START"]))
-    if rank == 0 and restart:  # before node 0's record: the others trust the phase once it is there
-        _withdraw_endpoint(dep, job_id, log)
-        dep.set_phase("STARTING", f"restart {restart}: the job runs again on {identity['hostname']}",
-                      restart=restart)
-    dep.write(f"nodes/{rank}.json", identity)
-    _sweep_stale_tmp(job_id, identity, log)
-    log(f"reported: {identity['hostname']} {identity['ip']} GPUs={identity['cuda_visible_devices']}"
-        + (f" (restart {restart})" if restart else ""))
+    judging: list[threading.Thread] = []
 
     def end_failed(reason: str) -> int:
         return _end_failed(spec, dep, job_id, reason, log, stop)
 
+    def record_end(signame: str) -> None:
+        verdict = judge(dep, job_id, rank, restart, signame, started)
+        if verdict is None:
+            return
+        if verdict.phase == "FAILED":
+            end_failed(verdict.reason)
+        else:
+            if verdict.phase == "RESTARTING":
+                _withdraw_endpoint(dep, job_id, log)
+            dep.set_phase(verdict.phase, verdict.reason)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if "signal" in ended:
+            return
+        ended["signal"] = signal.Signals(signum).name
+        stop.set()
+        note_signal(dep, rank, restart, ended["signal"])
+        judging.append(threading.Thread(target=record_end, args=(ended["signal"],), name="end"))
+        judging[0].start()  # decided while the engines stop, before any of them is gone
+
+    for signum in _END_SIGNALS:
+        signal.signal(signum, on_signal)
+
+    _mark(dep, rank, "agent_start", at=started, fresh=True)
+    if rank == 0 and os.environ.get("HPC_SERVE_JOB_START"):
+        _mark(dep, rank, "job_start", at=float(os.environ["HPC_SERVE_JOB_START"]))
+    if rank == 0 and restart:  # before node 0's record: the others trust the phase once it is there
+        _withdraw_endpoint(dep, job_id, log)
+        dep.set_phase("STARTING", f"restart {restart}: the job runs again on {socket.gethostname()}",
+                      restart=restart)
+    try:
+        ip, how = _node_address(spec, dep, rank, restart, spec.layout.nodes > 1 and executor != "local", stop)
+    except HpcServeError as exc:
+        ip, how = "", ""
+        problem = f"node {rank} ({socket.gethostname()}): {exc.problem} {exc.hint}"
+    else:
+        problem = ""
+    identity = {**node_identity(rank, ip), "restart": restart}
+    dep.write(f"nodes/{rank}.json", identity)
+    _sweep_leftovers(job_id, log)
+    log(f"reported: {identity['hostname']} {ip} ({how}) GPUs={identity['cuda_visible_devices']}"
+        + (f" (restart {restart})" if restart else ""))
     if rank == 0:
         create_json(dep.file("spec.json"), spec.to_dict())
         create_json(dep.file("plan.json"), make_plan(spec).to_dict())
         create_json(dep.file("job.json"), {"job_id": job_id, "executor": executor,
                                            "name": os.environ.get("SLURM_JOB_NAME", spec.name),
                                            "submitted": time.time()})
-        missing = _wait_for_nodes(dep, spec.layout.nodes, restart, log, stop)
-        if missing:
-            return end_failed(f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
-    code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop, end_failed,
-                                          Heartbeat(dep, rank, stop).start())
+    if problem:
+        code = end_failed(problem) if rank == 0 else _report_failure(dep, rank, identity, problem, log)
+    elif rank == 0 and (missing := _wait_for_nodes(dep, spec.layout.nodes, restart, log, stop)):
+        code = end_failed(f"nodes {missing} never reported within {JOIN_TIMEOUT_S:.0f} s")
+    else:
+        code = 0 if stop.is_set() else _serve(spec, dep, rank, job_id, identity, log, stop, end_failed,
+                                              Heartbeat(dep, rank, stop).start())
     if rank > 0 and code and not stop.is_set():
         _await_decision(dep, stop)
     if stop.is_set():
         log(f"received {ended.get('signal', 'stop')}: ending")
-    if rank == 0 and dep.phase not in (*TERMINAL, "RESTARTING"):
+    for thread in judging:
+        thread.join(15)
+    if rank == 0 and not stop.is_set() and dep.phase not in (*TERMINAL, "RESTARTING"):
         failed = _failed_nodes(dep, restart)
         if failed:
             code = end_failed(failed[0])
-        elif stop.is_set() and ended.get("signal") == "SIGTERM" and _requeued(job_id, restart):
-            _withdraw_endpoint(dep, job_id, log)
-            dep.set_phase("RESTARTING", "requeued by Slurm (preemption, a node failure or scontrol "
-                          "requeue): it serves again once Slurm starts the job")
-        elif stop.is_set():
-            dep.set_phase(ended.get("phase", "STOPPED"), f"received {ended.get('signal', 'stop')}")
     return code
+
+
+def _report_failure(dep: Deployment, rank: int, identity: dict, reason: str, log: NodeLog) -> int:
+    """A follower's failure: in its record, where node 0 finds it and ends the run."""
+    dep.write(f"nodes/{rank}.json", {**identity, "failed": reason})
+    log(reason)
+    return 1
 
 
 def _end_failed(spec: DeploymentSpec, dep: Deployment, job_id: str, reason: str, log: NodeLog,
@@ -202,14 +253,6 @@ def _await_decision(dep: Deployment, stop: threading.Event) -> None:
     wait_until(lambda: dep.phase in TERMINAL or dep.phase == "RESTARTING", 15, stop=stop)
 
 
-def _requeued(job_id: str, restart: int) -> bool:
-    """Whether Slurm requeued this job (its restart count went past this run's)."""
-    from .slurm import restart_count
-
-    count = restart_count(job_id) if job_id.isdigit() else None
-    return count is not None and count > restart
-
-
 def _withdraw_endpoint(dep: Deployment, job_id: str, log: NodeLog) -> None:
     """The endpoint of an earlier run is gone: nobody should be sent there."""
     if dep.endpoint:
@@ -252,11 +295,7 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     where = f"node {rank} ({identity['hostname']})"
 
     def fail(reason: str) -> int:
-        if rank == 0:
-            return end_failed(reason)
-        dep.write(f"nodes/{rank}.json", {**identity, "failed": reason})
-        log(reason)
-        return 1
+        return end_failed(reason) if rank == 0 else _report_failure(dep, rank, identity, reason, log)
 
     mismatch = _gres_mismatch(spec, identity)
     if mismatch:
@@ -417,20 +456,28 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
         return exit_reason("the Ray head", "node 0", head.exit_code, dep.log_path(0))
     missing = [f"{record['hostname']} ({record['ip']})" for record in nodes.values()
                if formation.nodes.get(record["ip"], 0) < lay.gpus_per_node]
+    if formation.strangers:
+        return (f"Ray registered node(s) at {', '.join(formation.strangers)}, but the agents reported "
+                f"{', '.join(missing) or 'other addresses'}: the two disagree on the node's address. "
+                "Name the network with --network (an interface such as ib0, or a CIDR).")
     return (f"Ray did not form within {JOIN_TIMEOUT_S:.0f} s: "
             f"{formation.describe(lay.nodes, want_gpus)}; missing: {', '.join(missing)}")
 
 
-def _sweep_stale_tmp(job_id: str, identity: dict, log: NodeLog) -> None:
-    """Remove temp dirs that killed agents of earlier jobs left on this node (never when unsure)."""
-    from .engine import sweep_stale_tmp
-    from .slurm import jobs_on_node
+def _sweep_leftovers(job_id: str, log: NodeLog) -> None:
+    """End the engines and remove the temp dirs that killed agents of this user's ended jobs left
+    on this node (a job Slurm still has, anywhere, is never touched; nor anything when squeue
+    cannot say)."""
+    from .engine import end_leftovers, sweep_stale_tmp
+    from .slurm import user_jobs
 
-    live = jobs_on_node(identity.get("slurmd_nodename") or identity["hostname"])
-    if live is None or not job_id.isdigit():
-        return
-    for path in sweep_stale_tmp(live | {job_id}):
-        log(f"removed {path}, left by an earlier job that has ended")
+    live = user_jobs()
+    for marker, pids in end_leftovers(live, job_id).items():
+        log(f"ended {len(pids)} process(es) of {marker} (pids {', '.join(map(str, pids))}), left by "
+            "an agent of a job that has ended")
+    if live is not None and job_id.isdigit():
+        for path in sweep_stale_tmp(live | {job_id}):
+            log(f"removed {path}, left by an earlier job that has ended")
 
 
 def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:
@@ -465,14 +512,19 @@ def _rank_and_job() -> tuple[int, str, str]:
     return 0, f"local-{os.getpid()}", "local"
 
 
-def run_task(model: str, node_args: list[str], home: str) -> int:
-    """The function submitit runs on every task (one per node)."""
+def run_task(model: str, node_args: list[str], home: str, local_gpus: str | None = None) -> int:
+    """The function submitit runs on every task (one per node). ``local_gpus``: with
+    ``--executor local``, the devices of the whole job; each rank takes its own share."""
     import submitit
 
     job_env = submitit.JobEnvironment()
     spec = build_spec(**{**parse_node_args(["--model", model, *node_args]), "home": home,
                          "executor": "local"})
     executor = "local" if job_env.cluster == "local" else "slurm"
+    if executor == "local" and local_gpus is not None:
+        per_node = spec.layout.gpus_per_node
+        mine = local_gpus.split(",")[job_env.global_rank * per_node:(job_env.global_rank + 1) * per_node]
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(mine)
     job_id = str(job_env.job_id) if executor == "slurm" else f"local-{job_env.job_id}"
     code = run(spec, job_env.global_rank, job_id, executor)
     if code:  # a non-zero task exit is what makes srun --kill-on-bad-exit end the other nodes

@@ -27,6 +27,10 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--ray-cmd", spec.ray_cmd]
     if spec.port is not None:
         args += ["--port", str(spec.port)]
+    if spec.network is not None:
+        args += ["--network", spec.network]
+    if spec.cache_dir is not None:
+        args += ["--cache-dir", spec.cache_dir]
     if not spec.api_key:
         args += ["--no-api-key"]
     if spec.max_restarts:
@@ -55,6 +59,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-renew", action="store_true")
     p.add_argument("--renew-before", type=int, default=30)
     p.add_argument("--time")
+    p.add_argument("--network")
+    p.add_argument("--cache-dir")
     p.add_argument("vllm_args", nargs="*")
     return p
 

@@ -72,10 +72,11 @@ def ray_python(ray_cmd: str) -> str:
 
 @dataclass
 class Formation:
-    """The probe's last view of the cluster."""
+    """The probe's last view of the cluster; ``strangers``: addresses Ray reports that no agent did."""
 
     nodes: dict[str, float]
     complete: bool
+    strangers: tuple[str, ...] = ()
 
     def describe(self, want_nodes: int, want_gpus: int) -> str:
         gpus = int(sum(self.nodes.values()))
@@ -119,7 +120,9 @@ class ClusterProbe:
 
 def wait_formed(probe: ClusterProbe, want: dict[str, int], timeout_s: float, on_change,
                 alive, stop: threading.Event) -> Formation:
-    """Wait until every IP of ``want`` ({ip: gpus}) is alive with its GPUs, or give up.
+    """Wait until every IP of ``want`` ({ip: gpus}) is alive with its GPUs, or give up: at once
+    when Ray reports a node under an address no agent reported (the two disagree on the node's
+    address, and waiting would not change that).
 
     ``alive()`` says whether our own Ray processes still run; ``on_change(formation)`` reports.
     """
@@ -132,6 +135,9 @@ def wait_formed(probe: ClusterProbe, want: dict[str, int], timeout_s: float, on_
                 break  # the probe died (its error is in the log)
             continue
         seen = view
+        strangers = tuple(sorted(set(seen) - set(want)))
+        if strangers:
+            return Formation(seen, False, strangers)
         complete = all(seen.get(ip, 0) >= gpus for ip, gpus in want.items())
         on_change(Formation(seen, complete))
         if complete:

@@ -113,14 +113,15 @@ def scancel(job_id: str) -> None:
                             "Check the job with 'squeue -j JOBID'.")
 
 
-def _scontrol(*args: str) -> tuple[int, str]:
+def _scontrol(*args: str, timeout_s: float = 30) -> tuple[int, str]:
     """(exit code, output or error) of one scontrol call; (127, reason) when it cannot run."""
     import subprocess
 
     if which("scontrol") is None:
         return 127, "scontrol is not on PATH"
     try:
-        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=timeout_s,
+                              check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 1, str(exc)
     return done.returncode, (done.stdout if done.returncode == 0 else done.stderr).strip()
@@ -133,30 +134,23 @@ def requeue(job_id: str) -> str | None:
     return None if code == 0 else text or f"scontrol requeue exited with {code}"
 
 
-def restart_count(job_id: str) -> int | None:
-    """How many times Slurm has requeued ``job_id`` (``Restarts=`` of scontrol show job), or None."""
-    code, text = _scontrol("show", "job", "--oneliner", job_id)
-    found = re.search(r"\bRestarts=(\d+)", text) if code == 0 else None
-    return int(found.group(1)) if found else None
-
-
-def jobs_on_node(node: str) -> set[str] | None:
-    """The ids of this user's jobs that Slurm has on ``node`` (None when squeue cannot say)."""
+def user_jobs() -> set[str] | None:
+    """The ids of every job of this user that Slurm still has (None when squeue cannot say)."""
     import subprocess
 
-    if which("squeue") is None or not node:
+    if which("squeue") is None:
         return None
     try:
-        done = subprocess.run(["squeue", "--noheader", "--user", str(os.getuid()), "--nodelist", node,
-                               "--format=%i"], capture_output=True, text=True, timeout=15, check=False)
+        done = subprocess.run(["squeue", "--noheader", "--all", "--user", str(os.getuid()), "--format=%i"],
+                              capture_output=True, text=True, timeout=15, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return set(done.stdout.split()) if done.returncode == 0 else None
+    return {job.split("_")[0] for job in done.stdout.split()} if done.returncode == 0 else None
 
 
-def job_fields(job_id: str) -> dict[str, str]:
+def job_fields(job_id: str, timeout_s: float = 30) -> dict[str, str]:
     """``scontrol show job``'s Key=Value fields of ``job_id`` ({} when it cannot say)."""
-    code, text = _scontrol("show", "job", "--oneliner", job_id)
+    code, text = _scontrol("show", "job", "--oneliner", job_id, timeout_s=timeout_s)
     return dict(re.findall(r"(\w+)=(\S*)", text)) if code == 0 else {}
 
 

@@ -21,6 +21,7 @@ SETTING_KINDS: dict[str, str] = {
     "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
     "home": "str", "python": "str", "login_host": "str", "ssh_cmd": "str",
     "api_key": "bool", "max_restarts": "int", "auto_renew": "bool", "renew_before": "int",
+    "network": "str", "cache_dir": "str",
 }
 EXECUTORS = ("slurm", "local")
 DEFAULT_ALL2ALL = "allgather_reducescatter"
@@ -62,6 +63,8 @@ class DeploymentSpec:
     max_restarts: int = 0
     auto_renew: bool = False
     renew_before: int = 30
+    network: str | None = None
+    cache_dir: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -190,8 +193,11 @@ def build_spec(
     max_restarts: int = 0,
     auto_renew: bool = False,
     renew_before: int = 30,
+    network: str | None = None,
+    cache_dir: str | None = None,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
+    from .netaddr import check_network
     from .vllm_args import check_passthrough  # local: keeps the import graph one-way
 
     del login_host, ssh_cmd  # client-side settings (tunnel); accepted so that one settings dict fits
@@ -232,6 +238,7 @@ def build_spec(
                           ("constraint", constraint), ("name", name)):
         _check_directive(option, value)
     _check_container(container)
+    check_network(network)
     if not shlex.split(engine_cmd or ""):
         raise HpcServeError("--engine-cmd is empty.", "Leave it out for 'vllm serve', or name a command.")
     if not shlex.split(ray_cmd or ""):
@@ -248,6 +255,6 @@ def build_spec(
         cpus_per_node=cpus_per_node, mem=mem, name=name, env=parse_env(env), setup=tuple(setup),
         container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
         executor=executor, home=home, python=python, api_key=api_key, max_restarts=max_restarts,
-        auto_renew=auto_renew, renew_before=renew_before,
+        auto_renew=auto_renew, renew_before=renew_before, network=network, cache_dir=cache_dir,
         warnings=layout.warnings + warnings,
     )

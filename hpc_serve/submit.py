@@ -41,6 +41,25 @@ def _sbatch_reason(message: str) -> str:
     return lines[-1] if lines else message.strip().splitlines()[-1] if message.strip() else "unknown error"
 
 
+def local_gpus(needed: int, environ: dict[str, str] | None = None) -> list[str]:
+    """The devices a ``--executor local`` job gets: the first ``needed`` of CUDA_VISIBLE_DEVICES
+    as the user set it, else of this machine's NVIDIA GPUs; where no NVIDIA driver is seen (a CPU
+    build of vLLM), the numbers 0..needed-1. HpcServeError when there are fewer than needed."""
+    environ = os.environ if environ is None else environ
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        devices, source = [d.strip() for d in given.split(",") if d.strip()], f"CUDA_VISIBLE_DEVICES={given!r}"
+    elif os.path.isdir("/proc/driver/nvidia/gpus"):
+        devices = [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+        source = f"this machine's {len(devices)} GPU(s)"
+    else:
+        return [str(i) for i in range(needed)]
+    if len(devices) < needed:
+        raise HpcServeError(f"The layout needs {needed} GPU(s) on this machine, but {source} gives {len(devices)}.",
+                            "Ask for fewer (--nodes, --gpus-per-node), or make more visible.")
+    return devices[:needed]
+
+
 def _executor(spec: DeploymentSpec, root: str):
     import submitit
 
@@ -96,13 +115,15 @@ def submit(spec: DeploymentSpec) -> Deployment:
     registry = Registry(registry_root(spec.home))
     registry.check_writable()
     executor = _executor(spec, registry.root)
+    lay = spec.layout
+    gpus = ",".join(local_gpus(lay.nodes * lay.gpus_per_node)) if spec.executor == "local" else None
     from .node import run_task
 
     asked_at = time.time()
     try:
         # submitit echoes sbatch's stderr on failure; the reason is reported once, below.
         with contextlib.redirect_stderr(io.StringIO()), _detached_output(spec.executor == "local"):
-            job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root)
+            job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root, gpus)
     except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
         if type(exc).__name__ not in ("FailedJobError", "CalledProcessError", "FileNotFoundError"):
             raise

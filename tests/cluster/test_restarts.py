@@ -94,7 +94,7 @@ def test_scontrol_requeue_brings_the_deployment_back_on_other_nodes(cluster, hom
     assert waiter.returncode == 1, err
     assert "RESTARTING: requeued by Slurm" in err
     assert "RESTARTING: queued again: PENDING (BeginTime) (Slurm holds a requeued job about 2 minutes)" in err
-    assert f"Deployment {job_id} ended STOPPED: received SIGTERM" in err
+    assert f"Deployment {job_id} ended STOPPED: cancelled (hpc-serve cancel)" in err
     assert read_state(home, job_id)["phase"] == "STOPPED"
 
 

@@ -47,6 +47,8 @@ def cancel_and_check_clean(cluster, home, job_id, via_cli=True):
         subprocess.run(["scancel", job_id], env=cluster.env, check=True)
     wait_for(lambda: job_id not in squeue_ids(cluster), 30, f"job {job_id} to leave the queue")
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
+    # the agent's own record, not the CLI's fallback, and it tells the two kinds of cancel apart
+    assert read_state(home, job_id)["reason"] == ("cancelled (hpc-serve cancel)" if via_cli else "cancelled (scancel)")
     wait_for(lambda: not any(job_processes(cluster).values()), 15,
              f"no process of job {job_id} on any node (left: {job_processes(cluster)})")
 

@@ -41,7 +41,7 @@ def test_wait_on_an_ended_deployment_says_how_it_ended(cluster, home):
     assert run_cli("cancel", job_id).returncode == 0
     done = run_cli("wait", job_id)
     assert done.returncode == 1
-    assert f"error: Deployment {job_id} ended STOPPED: received SIGTERM" in done.stderr
+    assert f"error: Deployment {job_id} ended STOPPED: cancelled (hpc-serve cancel)" in done.stderr
     assert f"hpc-serve status {job_id}" in done.stderr
 
 

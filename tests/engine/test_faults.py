@@ -1,5 +1,6 @@
 """Faults while serving, on the real cluster with real vLLM (see docs/reliability.md)."""
 
+import json
 import os
 import subprocess
 import signal
@@ -122,3 +123,44 @@ def test_restart_and_preemption_bring_the_endpoint_back_elsewhere(cluster, home,
 
 def read_key(home, job_id: str) -> str:
     return (home / "deployments" / job_id / "api_key").read_text()
+
+
+def agent_pid(home, job_id: str, rank: int) -> int:
+    return json_node(home, job_id, rank)["pid"]
+
+
+def test_a_killed_agent_takes_its_vllm_along_and_the_failure_is_named(cluster, home, vllm_env):
+    job_id = submit(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--dp", "2", "--launcher", "mp",
+                    "--max-restarts", "1")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY", state["reason"]
+    follower = json_node(home, job_id, 1)["hostname"]
+    assert engine_pids(cluster, follower, job_id, 1)  # its API server, engine core, workers
+
+    # 1. the follower's agent dies: its vLLM goes with it, and the failure uses up the restart
+    killed_at = time.time()
+    os.kill(agent_pid(home, job_id, 1), signal.SIGKILL)
+    state = wait_phase(home, job_id, ("RESTARTING", "FAILED", "STOPPED"), 30)
+    assert state["reason"].startswith(f"restart 1 of 1, after: node 1 ({follower}): its agent vanished"), state
+    assert state["history"][-1]["at"] - killed_at < 10
+    wait_for(lambda: not any(job_processes(cluster).values()), 10, f"no process left ({job_processes(cluster)})")
+    requeue_released(cluster, job_id, exclude="")
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
+    assert state["phase"] == "READY" and state["restart"] == 1, state["reason"]
+    assert chat_through_the_api(home, job_id) in ("length", "stop")
+
+    # 2. node 0's agent dies: node 1 records it, and no restart is left
+    head = json_node(home, job_id, 0)["hostname"]
+    killed_at = time.time()
+    os.kill(agent_pid(home, job_id, 0), signal.SIGKILL)
+    state = wait_phase(home, job_id, ("FAILED", "STOPPED", "RESTARTING"), 30)
+    first = state["reason"].splitlines()[0]
+    assert state["phase"] == "FAILED", state["reason"]
+    assert first.startswith(f"node 0 ({head}): its agent vanished") and "no restart left" in first, first
+    assert state["history"][-1]["at"] - killed_at < 10
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the job to end")
+    wait_for(lambda: not any(job_processes(cluster).values()), 10, f"no process left ({job_processes(cluster)})")
+
+
+def json_node(home, job_id: str, rank: int) -> dict:
+    return json.loads((home / "deployments" / job_id / "nodes" / f"{rank}.json").read_text())

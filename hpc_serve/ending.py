@@ -1,0 +1,127 @@
+"""Why a run ends when a signal comes, decided before anything is stopped. Stdlib only.
+
+A SIGTERM is not always a cancel. Node 0 tells apart: the user's `hpc-serve cancel` (which leaves
+``cancel.json`` in the registry before it calls scancel), a plain scancel (every agent gets the
+signal and Slurm says the job is CANCELLED or COMPLETING),
+a requeue (preemption, `scontrol requeue`: the restart count grew), and the step being ended
+because another node's task died (srun's ``--kill-on-bad-exit``): every agent that gets the
+signal notes it in ``ends/<rank>.json`` at once, so a node whose note never comes had no agent
+left to get it. That last case is a failure naming the node, and counts for ``--max-restarts``.
+When node 0's own agent is the one that vanished, node 1 decides in its place. The time limit
+(USR1 first) is TIMEOUT, as before.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .registry import TERMINAL, CorruptRecord, Deployment
+
+CANCEL_MARK = "cancel.json"
+#: How long the judging node waits for the others' notes (they come within milliseconds).
+NOTE_WAIT_S = 2.0
+_TIMEOUT_SIGNALS = ("SIGUSR1", "SIGUSR2")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The end to record: a phase and its reason (FAILED goes through the restart logic)."""
+
+    phase: str
+    reason: str
+
+
+def note_signal(dep: Deployment, rank: int, restart: int, signame: str) -> None:
+    """Say that this node's agent got ``signame`` (and so is alive and ending in order)."""
+    os.makedirs(dep.file("ends"), mode=0o700, exist_ok=True)
+    dep.write(f"ends/{rank}.json", {"signal": signame, "restart": restart, "at": time.time()})
+
+
+def mark_cancel(dep: Deployment) -> None:
+    """What `hpc-serve cancel` writes before it calls scancel."""
+    dep.write(CANCEL_MARK, {"at": time.time()})
+
+
+def _noted(dep: Deployment, restart: int) -> set[int]:
+    """The ranks whose agent noted a signal in this run."""
+    folder, ranks = dep.file("ends"), set()
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if not (name.endswith(".json") and name[:-5].isdigit()):
+            continue
+        try:
+            record = dep.read(f"ends/{name}", {}) or {}
+        except CorruptRecord:
+            continue
+        if record.get("restart", 0) == restart:
+            ranks.add(int(name[:-5]))
+    return ranks
+
+
+def _cancelled_by_user(dep: Deployment, since: float) -> bool:
+    try:
+        at = (dep.read(CANCEL_MARK, {}) or {}).get("at")
+        return at is not None and float(at) >= since
+    except (CorruptRecord, TypeError, ValueError):
+        return False
+
+
+def _wait(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _job_fields(job_id: str) -> dict[str, str]:
+    if not job_id.isdigit():
+        return {}
+    from .slurm import job_fields
+
+    return job_fields(job_id, timeout_s=5)
+
+
+REQUEUED = ("requeued by Slurm (preemption, a node failure or scontrol requeue): it serves again "
+            "once Slurm starts the job")
+
+
+def judge(dep: Deployment, job_id: str, rank: int, restart: int, signame: str,
+          since: float, note_wait_s: float = NOTE_WAIT_S) -> Verdict | None:
+    """The end ``rank`` should record for this run after ``signame`` (None: not this node's to
+    record, or already recorded). ``since``: when this run's agent started."""
+    if dep.phase in (*TERMINAL, "RESTARTING"):
+        return None
+    if rank == 0 and signame in _TIMEOUT_SIGNALS:
+        return Verdict("TIMEOUT", f"received {signame}")
+    if rank > 0:
+        if rank != 1 or _wait(lambda: 0 in _noted(dep, restart) or dep.phase in (*TERMINAL, "RESTARTING"),
+                              note_wait_s):
+            return None  # node 0 is alive and records the end itself
+    if _cancelled_by_user(dep, since):
+        return Verdict("STOPPED", "cancelled (hpc-serve cancel)")
+    nodes = dep.nodes(restart)
+    failed = [record["failed"] for record in nodes.values() if record.get("failed")]
+    if failed:
+        return Verdict("FAILED", failed[0])
+    fields = _job_fields(job_id) if signame == "SIGTERM" else {}
+    restarts = fields.get("Restarts", "")
+    if restarts.isdigit() and int(restarts) > restart:
+        return Verdict("RESTARTING", REQUEUED)
+    if rank == 0:
+        others = set(nodes) - {0}
+        _wait(lambda: _noted(dep, restart) >= others, note_wait_s)
+        vanished = sorted(others - _noted(dep, restart))
+    else:
+        vanished = [0]
+    if vanished and signame == "SIGTERM":
+        who = vanished[0]
+        host = nodes.get(who, {}).get("hostname", "?")
+        return Verdict("FAILED", f"node {who} ({host}): its agent vanished (killed, or the node "
+                                 "failed) and Slurm ended the job's step on every node")
+    if fields.get("JobState") in ("CANCELLED", "COMPLETING"):  # scancel: every agent got the signal
+        return Verdict("STOPPED", "cancelled (scancel)")
+    return Verdict("STOPPED", f"received {signame}")
