@@ -55,6 +55,8 @@ _SPEC_OPTIONS: dict[str, list[tuple[tuple[str, ...], str, str, str]]] = {
         (("--cache-dir",), "cache_dir", "str", "vLLM's compile cache, shared by deployments "
          "(default: $VLLM_CACHE_ROOT, else ~/.cache/vllm)"),
         (("--no-api-key",), "api_key", "off", "serve without the generated API key (warns)"),
+        (("--open-metrics",), "open_metrics", "bool", "let /metrics answer without the key "
+         "(for a site's Prometheus)"),
         (("--max-restarts",), "max_restarts", "int", "requeue a failed deployment up to N times (default 0)"),
         (("--auto-renew",), "auto_renew", "bool", "before the time limit, start a successor job that "
          "takes over once READY"),

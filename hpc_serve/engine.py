@@ -213,9 +213,30 @@ def shm_files() -> set[str]:
     return {path for pattern in SHM_PATTERNS for path in glob.glob(os.path.join("/dev/shm", pattern))}
 
 
-def clean_node(tmp_dir: str, shm_before: set[str]) -> None:
-    """Remove the deployment's temp dir and the /dev/shm files our processes left."""
-    for path in shm_files() - shm_before:
+def shm_in_use(pids: list[int]) -> set[str]:
+    """The /dev/shm files that processes ``pids`` have open or mapped."""
+    found: set[str] = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                found |= {line.split(None, 5)[5].strip() for line in maps
+                          if "/dev/shm/" in line and len(line.split(None, 5)) == 6}
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("/dev/shm/"):
+                    found.add(target)
+        except OSError:
+            continue
+    return {path.removesuffix(" (deleted)") for path in found}
+
+
+def clean_node(tmp_dir: str, shm_before: set[str], ours: set[str]) -> None:
+    """Remove the deployment's temp dir and the /dev/shm files our processes left: new since the
+    start, seen in use by one of ours (``ours``), and in use by no process of this user now (a
+    neighbouring deployment of the same user keeps its files)."""
+    left = (shm_files() - shm_before) & ours
+    busy = shm_in_use(list(marked_processes())) if left else set()
+    for path in left - busy:
         try:
             if os.stat(path).st_uid == os.getuid():
                 os.unlink(path)
@@ -306,6 +327,25 @@ def serves(base_url: str, model: str, headers: dict[str, str] | None = None) -> 
     except (OSError, ValueError):
         return False
     return any(entry.get("id") == model for entry in listed.get("data", []))
+
+
+def unguarded(base_url: str, open_metrics: bool = False) -> str | None:
+    """A path that serves without the key ("POST /invocations: 200"), or None when every one
+    asked refuses (401). Checked before an endpoint is published."""
+    probes = [("POST", "/invocations"), ("GET", "/version"), ("POST", "/tokenize")]
+    probes += [] if open_metrics else [("GET", "/metrics")]
+    for method, path in probes:
+        request = urllib.request.Request(f"{base_url}{path}", data=b"{}" if method == "POST" else None,
+                                         headers={"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=5.0) as response:
+                return f"{method} {path}: {response.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code != 401:
+                return f"{method} {path}: {exc.code}"
+        except (OSError, ValueError) as exc:
+            return f"{method} {path}: {exc}"
+    return None
 
 
 def wait_until(condition, timeout_s: float, poll_s: float = 0.1, stop=None) -> bool:

@@ -287,8 +287,8 @@ def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
 def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
            log: NodeLog, stop: threading.Event, end_failed, beats: Heartbeat) -> int:
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
-    from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, serves,
-                         shm_files)
+    from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, marked_pids,
+                         serves, shm_files, shm_in_use, unguarded)
     from .launch import Process, node_plan
     from .vllm_args import served_model_name
 
@@ -324,7 +324,8 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
         if busy:
             return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
     url, model = f"http://{rt.node_ip}:{rt.api_port}", served_model_name(spec.model, spec.vllm_args)
-    shm_before = shm_files()
+    shm_before, shm_ours, shm_seen_at = shm_files(), set(), 0.0
+    marker = f"{job_id}/{rank}"
     engines: list[EngineProcess] = []
     ready = False
     renewal = None
@@ -338,12 +339,12 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 return 0 if stop.is_set() or dep.phase in TERMINAL else \
                     fail(f"{where}: node 0 never started Ray within {JOIN_TIMEOUT_S:.0f} s")
             env = planned.env + extra_env
-            if planned.name == "vllm" and api_key:
-                env += (("VLLM_API_KEY", api_key),)  # its environment, never its argv
+            if planned.name == "vllm" and api_key:  # the key: its environment, never its argv
+                env += _auth_env(spec, api_key, rt.tmp_dir)
             process = Process(planned.name, planned.argv, env)
-            engine = EngineProcess(process, dep.log_path(rank), rt.tmp_dir, f"{job_id}/{rank}")
+            engine = EngineProcess(process, dep.log_path(rank), rt.tmp_dir, marker)
             try:
-                engine.start()
+                engine.start(spec.cache_dir)
             except RuntimeError as exc:
                 return fail(f"{where}: {exc}")
             engines.append(engine)
@@ -360,6 +361,9 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 if engine.exit_code is not None and not stop.is_set():  # not a signalled end
                     return fail(exit_reason(engine.process.name, where, engine.exit_code,
                                             dep.log_path(rank)))
+            if time.monotonic() - shm_seen_at > 5:  # which /dev/shm files are ours, for the cleanup
+                shm_ours |= shm_in_use(marked_pids(marker))
+                shm_seen_at = time.monotonic()
             quiet = beats.silent(range(1, lay.nodes) if rank == 0 else [0])
             if quiet:
                 records = dep.nodes(identity["restart"])
@@ -372,6 +376,10 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 if failed:
                     return end_failed(failed[0])
                 if not ready and serves(url, model, headers):
+                    open_door = unguarded(url, spec.open_metrics) if api_key else None
+                    if open_door:
+                        return fail(f"vLLM on {where} answers without the key ({open_door}): the "
+                                    "hpc_serve_auth middleware did not load; the endpoint is not published")
                     ready = True
                     _mark(dep, rank, "ready")
                     dep.write("endpoint.json", {"url": f"{url}/v1", "base": url, "host": rt.node_ip,
@@ -389,14 +397,26 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                         return _hand_over(dep, job_id, successor, log, stop)
             stop.wait(0.2 if rank > 0 else 1.0 if ready else 0.1)  # node 0 reads records: 1 s once READY
     finally:
+        shm_ours |= shm_in_use(marked_pids(marker))
         if engines:
             log("stopping " + ", ".join(e.process.name for e in reversed(engines)))
         for engine in reversed(engines):  # Ray holds no state: 1 s, so all ends within KillWait
             engine.stop(grace_s=1.0 if engine.process.name == "ray" else 3.0)
-        clean_node(rt.tmp_dir, shm_before)
+        clean_node(rt.tmp_dir, shm_before, shm_ours)
         if engines:
             log("stopped; temp files removed")
     return 0
+
+
+def _auth_env(spec: DeploymentSpec, api_key: str, tmp_dir: str) -> tuple[tuple[str, str], ...]:
+    """vLLM's key, and the middleware that asks for it on every path (hpc_serve.vllm_auth),
+    copied where vLLM's own Python finds it."""
+    from .vllm_auth import OPEN_PATHS_ENV, install
+
+    folder = install(os.path.join(tmp_dir, "py"))
+    path = os.pathsep.join(p for p in (folder, dict(spec.env).get("PYTHONPATH") or os.environ.get("PYTHONPATH")) if p)
+    return (("VLLM_API_KEY", api_key), ("PYTHONPATH", path),
+            (OPEN_PATHS_ENV, "/metrics" if spec.open_metrics else ""))
 
 
 def _wait_for_ray_token(dep: Deployment, stop: threading.Event) -> bool:

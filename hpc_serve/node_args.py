@@ -33,6 +33,8 @@ def to_node_args(spec: DeploymentSpec) -> list[str]:
         args += ["--cache-dir", spec.cache_dir]
     if not spec.api_key:
         args += ["--no-api-key"]
+    if spec.open_metrics:
+        args += ["--open-metrics"]
     if spec.max_restarts:
         args += ["--max-restarts", str(spec.max_restarts)]
     if spec.auto_renew:
@@ -55,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-cmd", default="vllm serve")
     p.add_argument("--ray-cmd", default="ray")
     p.add_argument("--no-api-key", dest="api_key", action="store_false")
+    p.add_argument("--open-metrics", action="store_true")
     p.add_argument("--max-restarts", type=int, default=0)
     p.add_argument("--auto-renew", action="store_true")
     p.add_argument("--renew-before", type=int, default=30)

@@ -22,7 +22,7 @@ DEFAULTS: dict[str, Any] = {
     "engine_cmd": "vllm serve", "ray_cmd": "ray", "vllm_args": [], "port": None, "executor": "slurm",
     "home": "~/.hpc-serve", "python": "python3", "login_host": None,
     "ssh_cmd": "ssh", "api_key": True, "max_restarts": 0, "auto_renew": False, "renew_before": 30,
-    "network": None, "cache_dir": None,
+    "network": None, "cache_dir": None, "open_metrics": False,
 }
 FALLBACK_GPUS_PER_NODE = 8
 _RESERVED_ENV = {"HPC_SERVE_SITE_CONFIG", "HPC_SERVE_CONFIG", "HPC_SERVE_PROFILE", "HPC_SERVE_DEBUG"}

@@ -21,7 +21,7 @@ SETTING_KINDS: dict[str, str] = {
     "engine_cmd": "str", "ray_cmd": "str", "vllm_args": "list", "port": "int", "executor": "str",
     "home": "str", "python": "str", "login_host": "str", "ssh_cmd": "str",
     "api_key": "bool", "max_restarts": "int", "auto_renew": "bool", "renew_before": "int",
-    "network": "str", "cache_dir": "str",
+    "network": "str", "cache_dir": "str", "open_metrics": "bool",
 }
 EXECUTORS = ("slurm", "local")
 DEFAULT_ALL2ALL = "allgather_reducescatter"
@@ -65,6 +65,7 @@ class DeploymentSpec:
     renew_before: int = 30
     network: str | None = None
     cache_dir: str | None = None
+    open_metrics: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -195,6 +196,7 @@ def build_spec(
     renew_before: int = 30,
     network: str | None = None,
     cache_dir: str | None = None,
+    open_metrics: bool = False,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     from .netaddr import check_network
@@ -256,5 +258,6 @@ def build_spec(
         container=container, engine_cmd=engine_cmd, ray_cmd=ray_cmd, vllm_args=vllm_args, port=port,
         executor=executor, home=home, python=python, api_key=api_key, max_restarts=max_restarts,
         auto_renew=auto_renew, renew_before=renew_before, network=network, cache_dir=cache_dir,
+        open_metrics=open_metrics,
         warnings=layout.warnings + warnings,
     )

@@ -8,6 +8,7 @@ from functools import lru_cache
 
 from .errors import HpcServeError
 from .layout import Layout
+from .vllm_auth import MIDDLEWARE as AUTH_MIDDLEWARE
 
 # vLLM flags hpc-serve sets from the layout, with their short aliases, and the option that owns them.
 _MANAGED: dict[str, tuple[tuple[str, ...], str]] = {
@@ -133,6 +134,8 @@ def engine_argv(spec, rank: int, rt: Runtime) -> list[str] | None:  # spec: Depl
     headless = lay.launcher == "mp" and rank > 0
     if not headless:
         argv += ["--host", rt.node_ip, "--port", rt.api_port]
+        if spec.api_key:  # the key on every path, not only /v1 (hpc_serve/vllm_auth.py)
+            argv += ["--middleware", AUTH_MIDDLEWARE]
     argv += ["--tensor-parallel-size", str(lay.tp), "--pipeline-parallel-size", str(lay.pp)]
     distributed = lay.tp * lay.pp > 1
     if lay.launcher == "ray":

@@ -2,7 +2,7 @@
 
 import pytest
 
-from .helpers import all_nodes_reported, deployment_dir, run_cli, wait_for
+from .helpers import all_nodes_reported, deployment_dir, read_state, run_cli, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -38,3 +38,17 @@ def test_a_ready_record_without_its_endpoint_file_is_reported(cluster, home):
     assert shown.returncode == 2
     assert f"is READY but {deployment_dir(home, job_id) / 'endpoint.json'} is missing" in shown.stderr
     assert run_cli("cancel", job_id).returncode == 0
+
+
+def test_an_engine_that_answers_without_the_key_is_never_published(cluster, home, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("HPC_SERVE_ENGINE_CMD", f"{sys.executable} {Path(__file__).with_name('open_engine.py')}")
+    done = run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp")
+    job_id = done.stdout.split()[1]
+    wait_for(lambda: read_state(home, job_id).get("phase") in ("FAILED", "READY"), 60, "the readiness check")
+    state = read_state(home, job_id)
+    assert state["phase"] == "FAILED", state
+    assert "answers without the key (POST /invocations: 200)" in state["reason"], state["reason"]
+    assert not (deployment_dir(home, job_id) / "endpoint.json").exists()

