@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import time
 import urllib.error
@@ -41,11 +42,23 @@ def job_number(job_id: str) -> int:
 
 
 def make_runtime(job_id: str, node_ip: str, head_ip: str, api_port: int | None) -> Runtime:
-    """Real addresses, ports (derived from the job id) and a short per-job temp dir."""
-    ports = job_ports(job_number(job_id), api_port)
-    return Runtime(node_ip=node_ip, head_ip=head_ip, api_port=str(ports.api), ray_port=str(ports.ray),
-                   master_port=str(ports.master), dp_rpc_port=str(ports.dp_rpc),
-                   ray_client_port=str(ports.ray_client), tmp_dir=f"/tmp/hs-{job_id}")
+    """Real addresses, every port (derived from the job id) and a short per-job temp dir."""
+    return Runtime.for_job(job_ports(job_number(job_id), api_port), node_ip, head_ip, f"/tmp/hs-{job_id}")
+
+
+def private_dir(path: str) -> str:
+    """Make ``path`` this user's own 0700 folder, or refuse one that is not: its name is
+    predictable (the job id), and another user who made it first could swap what the engine
+    loads from it. RuntimeError says why."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise RuntimeError(f"{path} exists and is not this user's private folder (owner uid {info.st_uid}, "
+                           f"mode {stat.filemode(info.st_mode)}): remove it, or ask the node's admin to")
+    return path
 
 
 def busy_ports(ip: str, ports: list[int]) -> list[int]:
@@ -163,14 +176,14 @@ def marked_pids(marker: str) -> list[int]:
     return [pid for pid, value in marked_processes(marker).items() if value == marker]
 
 
-def end_leftovers(live_jobs: set[str] | None, own_job: str) -> dict[str, list[int]]:
+def end_leftovers(live_jobs: set[str] | None, own_job: str, prefix: str = "") -> dict[str, list[int]]:
     """End the processes that agents of ended jobs left on this node (an agent killed with SIGKILL
     cannot stop its engine): only this user's, only those with our marker, never ``own_job``'s.
     A Slurm job counts as ended when it is not in ``live_jobs`` (all of this user's jobs Slurm
     knows; None: Slurm cannot say, so none is touched), a local one when its controller is gone.
-    Returns {marker: pids} of what was ended."""
+    ``prefix`` limits it to markers that start with it. Returns {marker: pids} of what was ended."""
     left: dict[str, list[int]] = {}
-    for pid, marker in marked_processes().items():
+    for pid, marker in marked_processes(prefix).items():
         job = marker.partition("/")[0]
         if job == own_job or not _job_gone(job, live_jobs):
             continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .ray_args import ray_argv
+from .ray_args import ray_argv, ray_start_env
 from .spec import DeploymentSpec
 from .vllm_args import Runtime, engine_argv, served_model_name
 
@@ -20,7 +20,7 @@ class Process:
 
 @dataclass(frozen=True)
 class NodePlan:
-    """One node's role, GPUs, PP stages, DP ranks and processes."""
+    """One node's role, GPUs, PP stages, DP ranks, processes, and the fixed ports they bind."""
 
     rank: int
     role: str
@@ -28,6 +28,7 @@ class NodePlan:
     stages: tuple[int, ...]
     dp_ranks: tuple[int, ...]
     processes: tuple[Process, ...]
+    ports: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,11 +53,38 @@ def _role(spec: DeploymentSpec, rank: int) -> str:
     return "vllm api (rank 0)" if rank == 0 else f"vllm headless (rank {rank})"
 
 
+def node_ports(spec: DeploymentSpec, rank: int, rt: Runtime = Runtime()) -> tuple[str, ...]:
+    """The fixed ports the processes of node ``rank`` bind, which the node agent checks first.
+
+    Exactly what vLLM 0.32 and Ray 2.60 bind for this plan: the API port on node 0; the master port
+    where ``--nnodes`` is passed (torch's store, on node 0); the DP RPC port for mp DP across nodes
+    (node 0's handshake; single-node DP uses IPC, Ray DP ports vLLM picks); every Ray port given
+    to `ray start`. Not listed: Ray's worker range (Ray skips the busy ports of it) and the ports
+    vLLM and Ray pick at random in the ephemeral range.
+    """
+    lay = spec.layout
+    ports: list[str] = []
+    if rank == 0:
+        ports.append(rt.api_port)
+        if lay.launcher == "mp" and lay.nodes > 1 and (lay.dp == 1 or lay.spans_nodes):
+            ports.append(rt.master_port)
+        if lay.launcher == "mp" and lay.nodes > 1 and lay.dp > 1:
+            ports.append(rt.dp_rpc_port)
+    if lay.launcher == "ray":
+        if rank == 0:
+            ports += [rt.ray_port, rt.ray_client_port, rt.ray_autoscaler_metrics_port,
+                      rt.ray_dashboard_metrics_port]
+        ports += [rt.ray_node_manager_port, rt.ray_object_manager_port, rt.ray_metrics_export_port,
+                  rt.ray_dashboard_agent_grpc_port, rt.ray_dashboard_agent_http_port,
+                  rt.ray_runtime_env_agent_port]
+    return tuple(ports)
+
+
 def node_plan(spec: DeploymentSpec, rank: int, rt: Runtime = Runtime()) -> NodePlan:
     """The plan of node ``rank`` alone (what the node agent asks for)."""
     slots = spec.layout.node_slots(rank)
     return NodePlan(rank, _role(spec, rank), slots.gpus, slots.stages, slots.dp_ranks,
-                    _processes(spec, rank, rt))
+                    _processes(spec, rank, rt), node_ports(spec, rank, rt))
 
 
 def _processes(spec: DeploymentSpec, rank: int, rt: Runtime) -> tuple[Process, ...]:
@@ -65,7 +93,7 @@ def _processes(spec: DeploymentSpec, rank: int, rt: Runtime) -> tuple[Process, .
     processes: list[Process] = []
     if lay.launcher == "ray":
         processes.append(Process("ray", tuple(ray_argv(rank, lay.gpus_per_node, rt, spec.ray_cmd)),
-                                 host_env))
+                                 host_env + ray_start_env(rank, rt)))
     argv = engine_argv(spec, rank, rt)
     if argv is not None:
         env = host_env + spec.env
@@ -82,10 +110,14 @@ def make_plan(spec: DeploymentSpec, rt: Runtime = Runtime()) -> LaunchPlan:
     lay = spec.layout
     # Ray workers all run the same command: build it once (4096 nodes plan in well under 50 ms).
     worker = _processes(spec, 1, rt) if lay.launcher == "ray" and lay.nodes > 1 else None
+    worker_ports = node_ports(spec, 1, rt) if worker is not None else ()
     nodes = []
     for rank in range(lay.nodes):
         slots = lay.node_slots(rank)
-        processes = worker if worker is not None and rank > 0 else _processes(spec, rank, rt)
+        if worker is not None and rank > 0:
+            processes, ports = worker, worker_ports
+        else:
+            processes, ports = _processes(spec, rank, rt), node_ports(spec, rank, rt)
         nodes.append(NodePlan(rank, _role(spec, rank), slots.gpus, slots.stages, slots.dp_ranks,
-                              processes))
+                              processes, ports))
     return LaunchPlan(spec, served_model_name(spec.model, spec.vllm_args), tuple(nodes))

@@ -4,7 +4,8 @@ The rules (see docs/concepts.md):
 - TP lives inside a node: ``tp <= gpus_per_node`` and ``gpus_per_node % tp == 0``
   (TP across nodes only with ``cross_node_tp``, which warns).
 - Every allocated GPU is used: ``tp * pp * dp == nodes * gpus_per_node``.
-- A DP replica holds ``tp * pp`` GPUs and either packs whole into a node or spans whole nodes.
+- A DP replica holds ``tp * pp`` GPUs and either packs whole into a node or spans whole nodes
+  (with ``mp``, vLLM runs replicas that span nodes through ``--nnodes``: ``nnodes_within_dp``).
 - EP reuses the GPUs of DP x TP: ``ep = dp * tp`` (vLLM computes it).
 """
 
@@ -55,6 +56,11 @@ class Layout:
     def ep_size(self) -> int | None:
         """Expert-parallel size vLLM will use, or None without EP."""
         return self.dp * self.tp if self.ep else None
+
+    @property
+    def spans_nodes(self) -> bool:
+        """Whether one DP replica spans several nodes."""
+        return self.replica_gpus > self.gpus_per_node
 
     @property
     def dp_local(self) -> int:
@@ -190,12 +196,6 @@ def resolve_layout(
         launcher = "ray" if nodes > 1 else "mp"
         notes.append(f"launcher={launcher}: " + ("Ray across nodes" if nodes > 1 else
                                                    "one node needs no Ray"))
-    if launcher == "mp" and dp > 1 and replica > g:
-        raise HpcServeError(
-            f"With --launcher mp and dp={dp}, each replica (tp*pp = {replica} GPUs) must fit in one "
-            f"node ({g} GPUs).",
-            "Use --launcher ray, or a smaller --tp/--pp.",
-        )
     if ep and pp > 1:
         # vLLM's own validation (0.32) accepts EP with PP; its serving guide advises against it.
         warnings.append("EP with PP > 1 is accepted by vLLM but not recommended by its serving "

@@ -288,7 +288,7 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
            log: NodeLog, stop: threading.Event, end_failed, beats: Heartbeat) -> int:
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
     from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, marked_pids,
-                         serves, shm_files, shm_in_use, unguarded)
+                         private_dir, serves, shm_files, shm_in_use, unguarded)
     from .launch import Process, node_plan
     from .vllm_args import served_model_name
 
@@ -306,6 +306,10 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
         return 1
     rt = make_runtime(job_id, identity["ip"], head["ip"], spec.port)
     plan = node_plan(spec, rank, rt)
+    try:
+        private_dir(rt.tmp_dir)
+    except (RuntimeError, OSError) as exc:
+        return fail(f"{where}: {exc}")
     lay = spec.layout
     extra_env: tuple[tuple[str, str], ...] = ()
     if lay.launcher == "ray":
@@ -316,13 +320,9 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
             dep.create_secret("ray_token")
     api_key = dep.create_secret("api_key") if spec.api_key and rank == 0 else ""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    if rank == 0:
-        wanted = [int(rt.api_port)]
-        wanted += [int(rt.ray_port), int(rt.ray_client_port)] if lay.launcher == "ray" else []
-        wanted += [int(rt.master_port)] if lay.launcher == "mp" and lay.nodes > 1 else []
-        busy = busy_ports(rt.node_ip, wanted)
-        if busy:
-            return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
+    busy = busy_ports(rt.node_ip, [int(port) for port in plan.ports])  # exactly what this node binds
+    if busy:
+        return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
     url, model = f"http://{rt.node_ip}:{rt.api_port}", served_model_name(spec.model, spec.vllm_args)
     shm_before, shm_ours, shm_seen_at = shm_files(), set(), 0.0
     marker = f"{job_id}/{rank}"

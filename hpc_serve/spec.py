@@ -200,7 +200,7 @@ def build_spec(
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     from .netaddr import check_network
-    from .vllm_args import check_passthrough  # local: keeps the import graph one-way
+    from .vllm_args import check_all2all_backend, check_passthrough  # local: one-way imports
 
     del login_host, ssh_cmd  # client-side settings (tunnel); accepted so that one settings dict fits
     if model is None or not str(model).strip():
@@ -249,6 +249,7 @@ def build_spec(
         raise HpcServeError("A --setup line contains a newline.", "Give one --setup per line.")
     vllm_args = tuple(vllm_args)
     warnings = check_passthrough(vllm_args, layout)
+    check_all2all_backend(all2all_backend)
     if not api_key:
         warnings += ("--no-api-key: anyone who can reach the node's address can use this endpoint.",)
     return DeploymentSpec(

@@ -4,10 +4,12 @@ Run with the vLLM venv's Python, with the argv the planner built for vLLM. Like 
 executor it joins the deployment's Ray cluster as a driver (RAY_ADDRESS and the token from the
 agent's environment), then proves what vLLM would rely on: every node alive, every GPU
 registered, a task placed on each node. It prints that as one `RAY-DRIVER {json}` line and then
-answers /health and /v1/models like vLLM, so that the agent's readiness check passes.
+answers /health and /v1/models like vLLM with hpc-serve's key middleware (every other path
+401 without the key), so that the agent's readiness and key checks pass.
 """
 
 import json
+import os
 import socket
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -36,13 +38,21 @@ def main(args):
               "gpus": ray.cluster_resources().get("GPU", 0), "argv": args}
     print("RAY-DRIVER " + json.dumps(report), flush=True)
 
+    expected = f"Bearer {os.environ.get('VLLM_API_KEY', '')}"
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path != "/health" and self.headers.get("Authorization") != expected:
+                self.send_response(401)
+                self.end_headers()
+                return
             body = {"/health": b"", "/v1/models": json.dumps(
                 {"object": "list", "data": [{"id": model, "object": "model"}]}).encode()}.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.end_headers()
             self.wfile.write(body or b"")
+
+        do_POST = do_GET
 
         def log_message(self, *_):
             pass

@@ -115,11 +115,17 @@ def test_replica_that_does_not_pack():
         resolve_layout(gpus_per_node=8, nodes=3, tp=2, pp=3, dp=4)
 
 
-def test_mp_launcher_dp_replica_must_fit_a_node():
-    with pytest.raises(HpcServeError, match="must fit in one node") as err:
-        resolve_layout(gpus_per_node=8, nodes=4, tp=8, pp=2, dp=2, launcher="mp")
-    assert "--launcher ray" in err.value.hint
+def test_mp_dp_whose_replicas_span_nodes_is_allowed():
+    # vLLM runs it through --nnodes (config/parallel.py nnodes_within_dp): issue 12, defect 8.
+    lay = resolve_layout(gpus_per_node=8, nodes=4, tp=8, pp=2, dp=2, launcher="mp")
+    assert (lay.dp, lay.dp_local, lay.spans_nodes) == (2, 1, True)
+    assert [lay.node_slots(r).dp_ranks for r in range(4)] == [(0,), (0,), (1,), (1,)]
+    assert [lay.node_slots(r).stages for r in range(4)] == [(0,), (1,), (0,), (1,)]
     assert resolve_layout(gpus_per_node=8, nodes=4, tp=8, pp=2, dp=2, launcher="ray").dp == 2
+
+
+def test_replicas_inside_a_node_do_not_span():
+    assert not resolve_layout(gpus_per_node=8, nodes=2, tp=2, launcher="mp").spans_nodes
 
 
 def test_ep_size_is_dp_times_tp():

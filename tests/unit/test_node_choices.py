@@ -94,20 +94,25 @@ def start_marked(marker: str) -> subprocess.Popen:
 
 
 def test_leftovers_of_ended_jobs_are_ended_and_live_ones_kept():
-    dead, live, own = start_marked("7001/0"), start_marked("7002/1"), start_marked("7003/0")
+    # job ids of this test alone (the machine may run real deployments at the same time): each
+    # call is limited to markers with this test's prefix
+    base = f"9{os.getpid()}"
+    dead, live, own = start_marked(f"{base}1/0"), start_marked(f"{base}2/1"), start_marked(f"{base}3/0")
     controller = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    local_live = start_marked(f"local-{controller.pid}/0")
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
+    local_live = start_marked(f"local-{controller.pid}/0")
     local_dead = start_marked(f"local-{gone.pid}/0")
     try:
         deadline = time.monotonic() + 10
-        while len([m for m in marked_processes().values() if m[:4] in ("7001", "7002", "7003", "loca")]) < 5:
+        while len(marked_processes(base)) < 3 or not marked_processes(f"local-{gone.pid}/"):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert end_leftovers(None, "7003") == {f"local-{gone.pid}/0": [local_dead.pid]}  # Slurm cannot say
-        ended = end_leftovers({"7002"}, "7003")
-        assert ended == {"7001/0": [dead.pid]}
+        assert end_leftovers(None, f"{base}3", prefix=base) == {}  # Slurm cannot say: no Slurm job is touched
+        ended = end_leftovers({f"{base}2"}, f"{base}3", prefix=base)
+        assert ended == {f"{base}1/0": [dead.pid]}
+        assert end_leftovers(None, f"{base}3", prefix=f"local-{controller.pid}/") == {}
+        assert end_leftovers(None, f"{base}3", prefix=f"local-{gone.pid}/") == {f"local-{gone.pid}/0": [local_dead.pid]}
         assert dead.wait(5) is not None and local_dead.wait(5) is not None
         assert live.poll() is None and own.poll() is None and local_live.poll() is None
     finally:
@@ -200,3 +205,22 @@ def test_the_cleanup_removes_only_the_shm_files_our_own_processes_used(tmp_path)
         for path in (ours_file, theirs_file):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_the_job_folder_must_be_this_users_own(tmp_path):
+    from hpc_serve.engine import private_dir
+
+    made = private_dir(str(tmp_path / "hs-1"))
+    assert os.stat(made).st_mode & 0o777 == 0o700
+    assert private_dir(made) == made  # ours already: fine
+    (tmp_path / "hs-2").mkdir(mode=0o755)
+    with pytest.raises(RuntimeError, match="is not this user's private folder"):
+        private_dir(str(tmp_path / "hs-2"))  # e.g. made first by another user, readable by all
+    (tmp_path / "hs-3").symlink_to(tmp_path / "hs-1")
+    with pytest.raises(RuntimeError, match="is not this user's private folder"):
+        private_dir(str(tmp_path / "hs-3"))
+    if os.geteuid() == 0:  # as root: a folder another user made first, private to them
+        (tmp_path / "hs-4").mkdir(mode=0o700)
+        os.chown(tmp_path / "hs-4", 65534, 65534)
+        with pytest.raises(RuntimeError, match="owner uid 65534"):
+            private_dir(str(tmp_path / "hs-4"))
