@@ -409,13 +409,14 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
 
 
 def _auth_env(spec: DeploymentSpec, api_key: str, tmp_dir: str) -> tuple[tuple[str, str], ...]:
-    """vLLM's key, and the middleware that asks for it on every path (hpc_serve.vllm_auth),
-    copied where vLLM's own Python finds it."""
-    from .vllm_auth import OPEN_PATHS_ENV, install
+    """The key for the middleware that asks for it on every path (hpc_serve.vllm_auth, copied
+    where vLLM's own Python finds it). Not VLLM_API_KEY: vLLM 0.24 hashes that into its compile
+    cache key and writes it into the cache folder."""
+    from .vllm_auth import KEY_ENV, OPEN_PATHS_ENV, install
 
     folder = install(os.path.join(tmp_dir, "py"))
     path = os.pathsep.join(p for p in (folder, dict(spec.env).get("PYTHONPATH") or os.environ.get("PYTHONPATH")) if p)
-    return (("VLLM_API_KEY", api_key), ("PYTHONPATH", path),
+    return ((KEY_ENV, api_key), ("PYTHONPATH", path),
             (OPEN_PATHS_ENV, "/metrics" if spec.open_metrics else ""))
 
 

@@ -5,7 +5,10 @@ serves completions without a key, and `/version`, `/load`, `/metrics`, `/tokeniz
 This ASGI middleware, loaded by vLLM itself (`--middleware hpc_serve_auth.KeyRequired`), answers
 401 to every HTTP request and closes every WebSocket that lacks ``Authorization: Bearer <key>``
 (compared in constant time), except the open paths (`/health`; `HPC_SERVE_OPEN_PATHS` adds e.g.
-`/metrics`). The key is VLLM_API_KEY, which vLLM already has in its environment.
+`/metrics`). The key comes from HPC_SERVE_API_KEY in vLLM's environment, not VLLM_API_KEY: vLLM
+0.24 hashes every VLLM_* variable it knows into its compile cache key and writes them into
+cache_key_factors.json, so a per-deployment key there made every start compile from scratch
+and left the key in the cache folder.
 
 It runs inside vLLM's API server, in front of every route, so nothing is proxied: streams, client
 disconnects and keep-alive are vLLM's own. Standalone (stdlib only, no hpc_serve import): the node
@@ -23,6 +26,7 @@ from typing import Any, Awaitable, Callable
 MODULE = "hpc_serve_auth"
 MIDDLEWARE = f"{MODULE}.KeyRequired"
 OPEN_PATHS_ENV = "HPC_SERVE_OPEN_PATHS"
+KEY_ENV = "HPC_SERVE_API_KEY"
 
 _BODY = json.dumps({"error": {"message": "This endpoint needs its API key: send 'Authorization: Bearer "
                                          "<key>' (hpc-serve endpoint ID --export prints the exports).",
@@ -34,7 +38,7 @@ class KeyRequired:
 
     def __init__(self, app: Callable[..., Awaitable[Any]]) -> None:
         self.app = app
-        key = os.environ.get("VLLM_API_KEY", "")
+        key = os.environ.get(KEY_ENV, "")
         self.expected = f"Bearer {key}".encode() if key else b""
         self.open = {"/health", *(p for p in os.environ.get(OPEN_PATHS_ENV, "").split(",") if p)}
 

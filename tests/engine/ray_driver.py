@@ -38,7 +38,7 @@ def main(args):
               "gpus": ray.cluster_resources().get("GPU", 0), "argv": args}
     print("RAY-DRIVER " + json.dumps(report), flush=True)
 
-    expected = f"Bearer {os.environ.get('VLLM_API_KEY', '')}"
+    expected = f"Bearer {os.environ.get('HPC_SERVE_API_KEY', '')}"
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
