@@ -27,6 +27,7 @@ def show_plan(launch: LaunchPlan, sources: dict[str, str], console) -> None:
             console.print(f"[bold]node {node.rank} {process.name}:[/bold] "
                           f"{env + ' ' if env else ''}{shlex.join(process.argv)}", soft_wrap=True)
     console.print(f"gpus_per_node={lay.gpus_per_node} from {sources.get('gpus_per_node', 'given')}")
+    console.print(f"Slurm is asked for {lay.nodes} node(s); {spec.resources_text()}")
     for note in lay.notes:
         console.print(f"derived: {note}")
     console.print("Placeholders (<head-ip>, <api-port>, ...) are filled in by the node agent at run time.")

@@ -69,6 +69,19 @@ class DeploymentSpec:
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
     @property
+    def memory(self) -> str | None:
+        """Memory per node to ask for: ``mem``, else all of the node's (0) for an exclusive job."""
+        return self.mem if self.mem is not None else "0" if self.exclusive else None
+
+    def resources_text(self) -> str:
+        """What the job asks Slurm for on each node, in words (`hpc-serve plan`)."""
+        cpus = f"{self.cpus_per_node} CPUs (also given to each node's step)" if self.cpus_per_node \
+            else "the partition's default CPUs"
+        mem = {None: "the partition's default memory", "0": "all its memory"}.get(self.memory, self.memory)
+        return (f"per node: {self.layout.gpus_per_node} GPUs, {cpus}, {mem}"
+                + ("; whole nodes (--exclusive)" if self.exclusive else ""))
+
+    @property
     def time_minutes(self) -> int | None:
         """The time limit in whole minutes (what submitit takes), or None."""
         return parse_time(self.time) if self.time else None

@@ -82,9 +82,11 @@ def _executor(spec: DeploymentSpec, root: str):
         "job_name": spec.name, "nodes": lay.nodes, "ntasks_per_node": 1,
         "gpus_per_node": lay.gpus_per_node, "partition": spec.partition, "account": spec.account,
         "qos": spec.qos, "constraint": spec.constraint, "cpus_per_task": spec.cpus_per_node,
-        "mem": spec.mem, "time": spec.time_minutes, "exclusive": spec.exclusive or None,
+        "mem": spec.memory, "time": spec.time_minutes, "exclusive": spec.exclusive or None,
         "setup": _setup_lines(spec, root), "signal_delay_s": SIGNAL_BEFORE_END_S, "wckey": None,
-        "srun_args": ["--kill-on-bad-exit=1"],
+        # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): give the step its CPUs
+        "srun_args": ["--kill-on-bad-exit=1"] + ([f"--cpus-per-task={spec.cpus_per_node}"]
+                                                 if spec.cpus_per_node else []),
         "additional_parameters": {"requeue": True},  # preemption and --max-restarts requeue it
     }
     executor.update_parameters(**params)

@@ -112,3 +112,19 @@ def test_sbatch_scripts_parse_back_to_their_layout():
         nodes = int(text.split("#SBATCH --nodes=")[1].split("\n")[0])
         gpus = int(text.split("#SBATCH --gpus-per-node=")[1].split("\n")[0])
         assert (spec.layout.nodes, spec.layout.gpus_per_node) == (nodes, gpus), path.name
+
+
+def test_what_each_node_asks_for_reaches_the_step_and_the_plan():
+    whole = build_spec(model="org/m", gpus_per_node=8, exclusive=True, cpus_per_node=96, executor="local")
+    script = render_script(whole)
+    assert "#SBATCH --mem=0\n" in script and "#SBATCH --cpus-per-task=96\n" in script
+    assert "  --cpus-per-task=96 \\\n" in script  # srun (Slurm >= 22.05) does not inherit it
+    assert whole.resources_text() == "per node: 8 GPUs, 96 CPUs (also given to each node's step), all its memory; whole nodes (--exclusive)"
+    shared = build_spec(model="org/m", gpus_per_node=2, mem="64G", executor="local")
+    assert "#SBATCH --mem=64G\n" in render_script(shared) and "--cpus-per-task" not in render_script(shared)
+    assert build_spec(model="org/m", gpus_per_node=2, executor="local").resources_text() == \
+        "per node: 2 GPUs, the partition's default CPUs, the partition's default memory"
+    done = subprocess.run([sys.executable, "-m", "hpc_serve", "plan", "org/m", "--gpus-per-node", "8", "--exclusive"],
+                          capture_output=True, text=True)
+    shown = " ".join(done.stdout.split())  # rich wraps long lines
+    assert "Slurm is asked for 1 node(s); per node: 8 GPUs, the partition's default CPUs, all its memory" in shown
