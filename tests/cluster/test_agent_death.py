@@ -117,3 +117,23 @@ def test_what_a_killed_agent_left_is_ended_by_the_next_agent_and_a_live_one_is_u
     for job in (live, second):
         assert run_cli("cancel", job).returncode == 0
     wait_for(lambda: not any(job_processes(cluster).values()), 15, f"no process left ({job_processes(cluster)})")
+
+
+def engine_cmdline(cluster, job_id: str, rank: int) -> list[str]:
+    for pid in marked(cluster, f"{job_id}/{rank}"):
+        words = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+        if "-c" in words:  # the stand-in engine: python -c '...' <the planned vLLM argv>
+            return words
+    return []
+
+
+def test_an_api_server_flag_reaches_node_0_only(cluster, home):
+    job_id = submitted("--nodes", "2", "--gpus-per-node", "8", "--tp", "8", "--dp", "2", "--launcher", "mp",
+                       "--", "--api-server-count", "2", "--max-num-seqs", "64")
+    wait_for(lambda: read_state(home, job_id).get("phase") == "LOADING", 60, "both nodes to start")
+    wait_for(lambda: engine_cmdline(cluster, job_id, 1), 10, "node 1's engine")
+    head, follower = engine_cmdline(cluster, job_id, 0), engine_cmdline(cluster, job_id, 1)
+    assert "--api-server-count" in head and "--headless" not in head, head
+    assert "--api-server-count" not in follower and "--headless" in follower, follower  # vLLM refuses both
+    assert "--max-num-seqs" in head and "--max-num-seqs" in follower  # engine options go everywhere
+    assert run_cli("cancel", job_id).returncode == 0

@@ -103,3 +103,68 @@ def test_a_node_that_never_joins_is_named_and_the_job_ends(cluster, home, vllm_e
                                f"missing: node2 ({cluster.node_ip('node2')})")
     wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the failed job to end")
     wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
+
+
+def listening_ports(cluster, node: str, job_id: str) -> set[int]:
+    """TCP ports in LISTEN that processes of ``job_id`` (by their marker) hold on ``node``."""
+    from hpc_serve import localcluster
+
+    inodes: set[str] = set()
+    for pid in localcluster.namespace_pids(cluster.namespace(node)):
+        try:
+            if f"\0HPC_SERVE_PROCESS={job_id}/".encode() not in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+            table = [line for name in ("tcp", "tcp6")  # the node's whole table (one per namespace)
+                     for line in Path(f"/proc/{pid}/net/{name}").read_text().splitlines()[1:]]
+        except OSError:
+            continue
+    ports = set()
+    for line in table if inodes else []:
+        fields = line.split()
+        if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+            ports.add(int(fields[1].split(":")[1], 16))
+    return ports
+
+
+def test_two_ray_deployments_on_one_node_keep_to_their_own_ports(cluster, home, vllm_env, tmp_path, monkeypatch):
+    """Every Ray port is derived from the job id: two deployments of one user on one node both
+    form, and neither listens on a port of the other's band (Ray's defaults would collide)."""
+    import subprocess
+    import sys
+    from dataclasses import astuple
+
+    from hpc_serve.ports import job_ports
+
+    monkeypatch.setenv("HPC_SERVE_ENGINE_CMD", f"{sys.executable} -c 'import time; time.sleep(10**6)'")
+    script = tmp_path / "ray.sbatch"
+    done = run_cli("render", vllm_env.model, "--gpus-per-node", "4", "--launcher", "ray", "--ray-cmd",
+                   vllm_env.ray_cmd, "-o", str(script))
+    assert done.returncode == 0, done.stderr
+    jobs = [subprocess.run(["sbatch", "--parsable", "--nodelist=node1", f"--output={home}/slurm-%j.out", str(script)],
+                           cwd=cluster.shared_dir, env={**cluster.env, "HPC_SERVE_HOME": str(home)},
+                           capture_output=True, text=True, check=True).stdout.strip() for _ in range(2)]
+    for job_id in jobs:
+        state = wait_phase(home, job_id, ("LOADING", "FAILED"), 120)
+        assert state["phase"] == "LOADING", state["reason"]
+        assert "Ray: 1/1 nodes, 4/4 GPUs joined" in reasons(state)
+    ports = {job_id: listening_ports(cluster, "node1", job_id) for job_id in jobs}
+    def band(job_id: str) -> set[int]:
+        ports = job_ports(int(job_id))
+        named = set(astuple(ports)[:-2])
+        return named | set(range(ports.ray_min_worker, ports.ray_max_worker + 1))
+
+    bands = {job_id: band(job_id) for job_id in jobs}
+    for job_id in jobs:
+        assert ports[job_id], job_id
+        # every port its Ray listens on is one of its own (Ray's defaults: random node manager and
+        # object manager ports, a shared worker range)
+        assert ports[job_id] <= bands[job_id], (job_id, sorted(ports[job_id] - bands[job_id]))
+        other = bands[jobs[1] if job_id == jobs[0] else jobs[0]]
+        assert not ports[job_id] & other, (job_id, ports[job_id] & other)
+    for job_id in jobs:
+        assert run_cli("cancel", job_id).returncode == 0
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, f"no process left ({job_processes(cluster)})")
