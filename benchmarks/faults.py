@@ -31,7 +31,8 @@ from hpc_serve import localcluster  # noqa: E402
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 SCENARIOS = ("engine killed on node 2", "node 2 frozen", "node 1 (node 0's) frozen",
-             "hpc-serve cancel", "scontrol requeue")
+             "agent killed on node 2", "agent killed on node 1 (node 0's)",
+             "hpc-serve cancel", "plain scancel", "scontrol requeue")
 
 
 def state(folder: Path) -> dict:
@@ -39,6 +40,13 @@ def state(folder: Path) -> dict:
         return json.loads((folder / "state.json").read_text())
     except (FileNotFoundError, ValueError):
         return {}
+
+
+def beats(folder: Path, rank: int) -> int:
+    try:
+        return json.loads((folder / "beats" / f"{rank}.json").read_text()).get("beat", 0)
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def squeue(env: dict, job: str) -> str:
@@ -71,13 +79,18 @@ def one_run(scenario: str, cluster, home: Path, env: dict) -> dict:
     job = done.stdout.split()[1]
     folder = home / "deployments" / job
     wait_until(lambda: state(folder).get("phase") == "LOADING", 60, "both nodes to start")
-    time.sleep(4)  # a few heartbeats seen
+    wait_until(lambda: all(beats(folder, rank) >= 3 for rank in (0, 1)), 30, "a few heartbeats of each node")
     nodes = {json.loads((folder / "nodes" / f"{r}.json").read_text())["hostname"]: r for r in (0, 1)}
     by_rank = {rank: node for node, rank in nodes.items()}
     frozen = None
     at = time.time()
+    agents = {r: json.loads((folder / "nodes" / f"{r}.json").read_text())["pid"] for r in (0, 1)}
     if scenario == "engine killed on node 2":
         signal_namespace(cluster, by_rank[1], signal.SIGKILL, only_marked=f"{job}/1")
+    elif scenario.startswith("agent killed"):
+        os.kill(agents[1 if "node 2" in scenario else 0], signal.SIGKILL)
+    elif scenario == "plain scancel":
+        subprocess.run(["scancel", job], env=env, check=True)
     elif scenario == "node 2 frozen":
         frozen = by_rank[1]
     elif scenario == "node 1 (node 0's) frozen":

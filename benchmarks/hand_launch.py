@@ -1,12 +1,12 @@
 """vLLM launched by hand on every node of a job (one srun task per node): the baseline of
 benchmarks/bootstrap.py. No agent, no registry: the flags a person would type, each node's own
-VLLM_HOST_IP, fresh cache folders. Node 0 prints `RESULT {"start": t, "health": t}` where start is
-just before vLLM is started and health is its first 200 on /health (polled every 20 ms)."""
+VLLM_HOST_IP, and vLLM's caches where the user has them (its defaults, warm after the first run).
+Node 0 prints `RESULT {"start": t, "health": t}` where start is just before vLLM is started and
+health is its first 200 on /health (polled every 20 ms)."""
 
 import json
 import os
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,20 +15,18 @@ import time
 import urllib.request
 
 
-def main(engine_cmd: str, model: str, nodes: int, head: str, api_port: int, master_port: int) -> int:
+def main(engine_cmd: str, model: str, nodes: int, head: str, api_port: int, master_port: int,
+         eager: bool) -> int:
     rank = int(os.environ["SLURM_NODEID"])
     ip = socket.gethostbyname(socket.gethostname())
     head_ip = socket.gethostbyname(head)
-    argv = [*shlex.split(engine_cmd), model, "--tensor-parallel-size", str(nodes), "--max-model-len", "512",
-            "--enforce-eager"]
+    argv = [*shlex.split(engine_cmd), model, "--tensor-parallel-size", str(nodes), "--max-model-len", "512"]
+    argv += ["--enforce-eager"] if eager else []
     if nodes > 1:
         argv += ["--distributed-executor-backend", "mp", "--nnodes", str(nodes), "--node-rank", str(rank),
                  "--master-addr", head_ip, "--master-port", str(master_port)]
     argv += ["--headless"] if rank > 0 else ["--host", ip, "--port", str(api_port)]
-    tmp = f"/tmp/hand-{os.environ['SLURM_JOB_ID']}"
-    os.makedirs(tmp, exist_ok=True)
-    env = {**os.environ, "VLLM_HOST_IP": ip, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CACHE_ROOT": f"{tmp}/cache",
-           "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor", "TMPDIR": tmp}
+    env = {**os.environ, "VLLM_HOST_IP": ip, "VLLM_CPU_KVCACHE_SPACE": "1"}
     start = time.time()
     engine = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -49,9 +47,8 @@ def main(engine_cmd: str, model: str, nodes: int, head: str, api_port: int, mast
         return 1
     finally:
         os.killpg(engine.pid, signal.SIGKILL)
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
-    engine_cmd, model, nodes, head, api_port, master_port = sys.argv[1:7]
-    sys.exit(main(engine_cmd, model, int(nodes), head, int(api_port), int(master_port)))
+    engine_cmd, model, nodes, head, api_port, master_port, eager = sys.argv[1:8]
+    sys.exit(main(engine_cmd, model, int(nodes), head, int(api_port), int(master_port), eager == "eager"))

@@ -1,6 +1,7 @@
 """A node that stops answering (frozen: every process in its namespace stopped, as a hung or
 powered-off machine looks to the others) on the real cluster."""
 
+import json
 import os
 import signal
 import time
@@ -22,6 +23,13 @@ def freeze(cluster, node: str, sig: int) -> None:
             pass
 
 
+def beat_count(home, job_id: str, rank: int) -> int:
+    try:
+        return json.loads((home / "deployments" / job_id / "beats" / f"{rank}.json").read_text()).get("beat", 0)
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
 @pytest.mark.parametrize("frozen,rank", [("node2", 1), ("node1", 0)])
 def test_a_frozen_node_fails_the_deployment_within_15_s_naming_it(cluster, home, frozen, rank):
     done = run_cli("submit", "--no-wait", "org/tiny", "--nodes", "2", "--gpus-per-node", "8", "--tp", "8",
@@ -29,7 +37,7 @@ def test_a_frozen_node_fails_the_deployment_within_15_s_naming_it(cluster, home,
     assert done.returncode == 0, done.stderr
     job_id = done.stdout.split()[1]
     wait_for(lambda: read_state(home, job_id).get("phase") == "LOADING", 60, "both nodes to start")
-    time.sleep(3)  # a few beats seen
+    wait_for(lambda: all(beat_count(home, job_id, rank) >= 2 for rank in (0, 1)), 30, "a few beats of each node")
     frozen_at = time.time()
     freeze(cluster, frozen, signal.SIGSTOP)
     try:
