@@ -195,6 +195,9 @@ def log_lines(key: str, node: int = 0, home: str | None = None) -> tuple[str, li
 
 #: How long an agent may still be ending after its job has left the queue (Slurm's KillWait).
 AGENT_GRACE_S = 15.0
+#: Slurm states (squeue's absence, or sacct's last word) of a job whose agents are done.
+_JOB_ENDED = {"ENDED", "GONE", "CANCELLED", "COMPLETED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
+              "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
 def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5) -> Iterator[str]:
@@ -214,10 +217,13 @@ def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5
             return
         if not chunk:
             row = status(key, home)
-            if row.phase in TERMINAL:
+            queued = row.slurm_state.split()[0] not in _JOB_ENDED and not row.slurm_state.startswith("n/a")
+            if row.phase in TERMINAL and not queued:  # recorded, and the agents are done
                 ending = True
                 continue
-            if not row.live:  # the job left the queue; its agents may still be writing
+            if row.phase in TERMINAL or not row.live:
+                # the end is recorded before the agents stop their engines (or the job left the
+                # queue without one): their last lines may still come
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > AGENT_GRACE_S:
                     ending = True

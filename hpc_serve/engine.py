@@ -243,12 +243,12 @@ def shm_in_use(pids: list[int]) -> set[str]:
     return {path.removesuffix(" (deleted)") for path in found}
 
 
-def clean_node(tmp_dir: str, shm_before: set[str], ours: set[str]) -> None:
+def clean_node(tmp_dir: str, shm_before: set[str]) -> None:
     """Remove the deployment's temp dir and the /dev/shm files our processes left: new since the
-    start, seen in use by one of ours (``ours``), and in use by no process of this user now (a
-    neighbouring deployment of the same user keeps its files)."""
-    left = (shm_files() - shm_before) & ours
-    busy = shm_in_use(list(marked_processes())) if left else set()
+    start and in use by no process of this user now (a neighbouring deployment of the same user
+    keeps the files its processes hold)."""
+    left = shm_files() - shm_before
+    busy = shm_in_use(_own_pids()) if left else set()
     for path in left - busy:
         try:
             if os.stat(path).st_uid == os.getuid():
@@ -256,6 +256,18 @@ def clean_node(tmp_dir: str, shm_before: set[str], ours: set[str]) -> None:
         except OSError:
             pass
     shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _own_pids() -> list[int]:
+    """This user's processes, this one excepted."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and int(name) != os.getpid() and os.stat(f"/proc/{name}").st_uid == os.getuid():
+                pids.append(int(name))
+        except OSError:
+            continue
+    return pids
 
 
 def sweep_stale_tmp(live_jobs: set[str], root: str = "/tmp") -> list[str]:

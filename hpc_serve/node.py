@@ -287,8 +287,8 @@ def _gres_mismatch(spec: DeploymentSpec, identity: dict) -> str | None:
 def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identity: dict,
            log: NodeLog, stop: threading.Event, end_failed, beats: Heartbeat) -> int:
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
-    from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, marked_pids,
-                         private_dir, serves, shm_files, shm_in_use, unguarded)
+    from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, private_dir,
+                         serves, shm_files, unguarded)
     from .launch import Process, node_plan
     from .vllm_args import served_model_name
 
@@ -324,8 +324,7 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     if busy:
         return fail(f"port(s) {busy} already in use on {where}: pass a free --port, or resubmit")
     url, model = f"http://{rt.node_ip}:{rt.api_port}", served_model_name(spec.model, spec.vllm_args)
-    shm_before, shm_ours, shm_seen_at = shm_files(), set(), 0.0
-    marker = f"{job_id}/{rank}"
+    shm_before, marker = shm_files(), f"{job_id}/{rank}"
     engines: list[EngineProcess] = []
     ready = False
     renewal = None
@@ -361,9 +360,6 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                 if engine.exit_code is not None and not stop.is_set():  # not a signalled end
                     return fail(exit_reason(engine.process.name, where, engine.exit_code,
                                             dep.log_path(rank)))
-            if time.monotonic() - shm_seen_at > 5:  # which /dev/shm files are ours, for the cleanup
-                shm_ours |= shm_in_use(marked_pids(marker))
-                shm_seen_at = time.monotonic()
             quiet = beats.silent(range(1, lay.nodes) if rank == 0 else [0])
             if quiet:
                 records = dep.nodes(identity["restart"])
@@ -397,12 +393,11 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
                         return _hand_over(dep, job_id, successor, log, stop)
             stop.wait(0.2 if rank > 0 else 1.0 if ready else 0.1)  # node 0 reads records: 1 s once READY
     finally:
-        shm_ours |= shm_in_use(marked_pids(marker))
         if engines:
             log("stopping " + ", ".join(e.process.name for e in reversed(engines)))
         for engine in reversed(engines):  # Ray holds no state: 1 s, so all ends within KillWait
             engine.stop(grace_s=1.0 if engine.process.name == "ray" else 3.0)
-        clean_node(rt.tmp_dir, shm_before, shm_ours)
+        clean_node(rt.tmp_dir, shm_before)
         if engines:
             log("stopped; temp files removed")
     return 0
