@@ -216,7 +216,9 @@ def test_data_parallel_across_two_nodes_serves_on_both_engines(cluster, home, vl
     client = openai.OpenAI(base_url=url, api_key=api_key(home, job_id))
     for index in range(12):
         client.completions.create(model=vllm_env.model, prompt=f"Hello {index}", max_tokens=2)
-    metrics = urllib.request.urlopen(url.removesuffix("/v1") + "/metrics", timeout=10).read().decode()
+    asked = urllib.request.Request(url.removesuffix("/v1") + "/metrics",
+                                   headers={"Authorization": f"Bearer {api_key(home, job_id)}"})
+    metrics = urllib.request.urlopen(asked, timeout=10).read().decode()  # /metrics needs the key too
     served = {}
     for line in metrics.splitlines():
         if line.startswith("vllm:request_success_total{") and 'engine="' in line:
