@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -282,7 +283,9 @@ def ray_two_nodes(vllm_env, tmp_path_factory):
     from hpc_serve.spec import build_spec
     from hpc_serve.vllm_args import Runtime
 
-    tmp_path = tmp_path_factory.mktemp("ray")
+    # short: Ray's Unix socket paths under it must stay within 107 bytes, which pytest's own
+    # temp folders (/tmp/pytest-of-root/pytest-108/...) can exceed
+    tmp_path = Path(tempfile.mkdtemp(prefix="hs-ray-", dir="/tmp"))
     job = 4000 + os.getpid() % 500
     head_rt = Runtime.for_job(job_ports(job), "127.0.0.2", "127.0.0.2", str(tmp_path / "head"))
     worker_ports = job_ports(job + 1)
@@ -308,7 +311,7 @@ def ray_two_nodes(vllm_env, tmp_path_factory):
     finally:  # each `ray start` leads its own process group: end the groups we started
         for signum, wait in ((15, 45), (9, 5)):
             for popen, _, _ in reversed(started):
-                if signum == 15 or popen.poll() is None:  # SIGKILL only while the group's leader lives
+                if popen.poll() is None:  # only while the leader lives: a dead leader's pid may be reused
                     try:
                         os.killpg(popen.pid, signum)
                     except ProcessLookupError:
@@ -318,6 +321,7 @@ def ray_two_nodes(vllm_env, tmp_path_factory):
                     popen.wait(wait)
                 except subprocess.TimeoutExpired:
                     pass
+        shutil.rmtree(tmp_path, ignore_errors=True)
 
 
 def test_ray_dp_placement_groups_on_a_real_two_node_ray(vllm_env, ray_two_nodes, tmp_path):
