@@ -67,16 +67,6 @@ def _cancelled_by_user(dep: Deployment, since: float) -> bool:
         return False
 
 
-def _wait(condition, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if condition():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-
-
 def _job_fields(job_id: str) -> dict[str, str]:
     if not job_id.isdigit():
         return {}
@@ -93,13 +83,14 @@ def judge(dep: Deployment, job_id: str, rank: int, restart: int, signame: str,
           since: float, note_wait_s: float = NOTE_WAIT_S) -> Verdict | None:
     """The end ``rank`` should record for this run after ``signame`` (None: not this node's to
     record, or already recorded). ``since``: when this run's agent started."""
+    from .engine import wait_until  # node side only: the CLI imports this module for mark_cancel
     if dep.phase in (*TERMINAL, "RESTARTING"):
         return None
     if rank == 0 and signame in _TIMEOUT_SIGNALS:
         return Verdict("TIMEOUT", f"received {signame}")
     if rank > 0:
-        if rank != 1 or _wait(lambda: 0 in _noted(dep, restart) or dep.phase in (*TERMINAL, "RESTARTING"),
-                              note_wait_s):
+        if rank != 1 or wait_until(lambda: 0 in _noted(dep, restart) or dep.phase in (*TERMINAL, "RESTARTING"),
+                              note_wait_s, poll_s=0.05):
             return None  # node 0 is alive and records the end itself
     if _cancelled_by_user(dep, since):
         return Verdict("STOPPED", "cancelled (hpc-serve cancel)")
@@ -113,7 +104,7 @@ def judge(dep: Deployment, job_id: str, rank: int, restart: int, signame: str,
         return Verdict("RESTARTING", REQUEUED)
     if rank == 0:
         others = set(nodes) - {0}
-        _wait(lambda: _noted(dep, restart) >= others, note_wait_s)
+        wait_until(lambda: _noted(dep, restart) >= others, note_wait_s, poll_s=0.05)
         vanished = sorted(others - _noted(dep, restart))
     else:
         vanished = [0]
