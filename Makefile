@@ -23,10 +23,10 @@ unit: install
 
 ## cluster: start the local 4-node Slurm test cluster by hand (root); cluster-down removes it
 cluster: install
-	$(PY) -m hpc_serve.localcluster up --nodes 4
+	$(PY) -m hpc_serve.demo.localcluster up --nodes 4
 
 cluster-down: install
-	$(PY) -m hpc_serve.localcluster down
+	$(PY) -m hpc_serve.demo.localcluster down
 
 ## demo: a real 2-node deployment of a tiny model on a throwaway local Slurm cluster (root)
 demo: install

@@ -38,8 +38,8 @@ def plan_ms(nodes: int, runs: int, launcher: str = "auto") -> float:
     The default launcher is Ray (TP=8, PP up to 4, DP across the rest); ``mp`` gives every node
     its own vLLM command line (DP=nodes), the most per-node work a plan does.
     """
-    from hpc_serve.launch import make_plan
-    from hpc_serve.spec import build_spec
+    from hpc_serve.planner.launch import make_plan
+    from hpc_serve.planner.spec import build_spec
 
     times = []
     for _ in range(runs):

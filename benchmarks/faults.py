@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import cancel_all, run_folder, wait_until, write_results  # noqa: E402
-from hpc_serve import localcluster  # noqa: E402
+from hpc_serve.demo import localcluster  # noqa: E402
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 SCENARIOS = ("engine killed on node 2", "node 2 frozen", "node 1 (node 0's) frozen",

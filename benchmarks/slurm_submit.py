@@ -21,10 +21,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import run_folder  # noqa: E402
-from hpc_serve import localcluster  # noqa: E402
-from hpc_serve.launch import make_plan  # noqa: E402
+from hpc_serve.demo import localcluster  # noqa: E402
+from hpc_serve.planner.launch import make_plan  # noqa: E402
 from hpc_serve.registry import Registry  # noqa: E402
-from hpc_serve.spec import build_spec  # noqa: E402
+from hpc_serve.planner.spec import build_spec  # noqa: E402
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 LAYOUT = ["org/tiny", "--nodes", "2", "--gpus-per-node", "8", "--tp", "8", "--pp", "2", "--launcher", "mp"]

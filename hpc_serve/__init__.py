@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
 __all__ = ["HpcServeError", "plan", "render", "resolve", "submit", "__version__"]
 
 from .errors import HpcServeError
+from .version import __version__
 
 
 def __getattr__(name: str) -> Any:

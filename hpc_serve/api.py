@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .errors import HpcServeError
-from .settings import Settings, resolve_settings
+from .planner.settings import Settings, resolve_settings
 from .slurm import partition_gpus_per_node
-from .spec import DeploymentSpec, build_spec
+from .planner.spec import DeploymentSpec, build_spec
 
 if TYPE_CHECKING:
-    from .launch import LaunchPlan
+    from .client.handle import DeploymentHandle
+    from .planner.launch import LaunchPlan
 
 
 def resolve(model: str | None = None, /, *, profile: str | None = None,
@@ -30,7 +29,7 @@ def resolve(model: str | None = None, /, *, profile: str | None = None,
 
 def plan(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> LaunchPlan:
     """The launch plan (roles, GPUs, stages, exact argv per node) without submitting anything."""
-    from .launch import make_plan
+    from .planner.launch import make_plan
 
     spec, _ = resolve(model, profile=profile, **options)
     return make_plan(spec)
@@ -38,15 +37,16 @@ def plan(model: str | None = None, /, *, profile: str | None = None, **options: 
 
 def render(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> str:
     """The sbatch script for a deployment, as text."""
-    from .script import render_script
+    from .job.sbatch import render_script
 
     spec, settings = resolve(model, profile=profile, **options)
     return render_script(spec, settings.sources)
 
 
-def submit(model: str | None = None, /, *, profile: str | None = None, **options: Any):
-    """Validate, then submit through submitit; returns the registry entry (a Deployment)."""
-    from .submit import submit as submit_spec
+def submit(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> DeploymentHandle:
+    """Validate, then submit through submitit; returns the deployment (``wait_ready``, ``openai_client``)."""
+    from .client.handle import DeploymentHandle
+    from .job.submission import submit as submit_spec
 
     spec, _ = resolve(model, profile=profile, **options)
-    return submit_spec(spec)
+    return DeploymentHandle.of(submit_spec(spec))

@@ -19,6 +19,11 @@ from typing import Any
 
 from .errors import HpcServeError
 
+#: The files and folders of one deployment's folder (every module names them through these).
+SPEC, PLAN, JOB, STATE, ENDPOINT = "spec.json", "plan.json", "job.json", "state.json", "endpoint.json"
+API_KEY, RAY, RAY_TOKEN, CANCEL = "api_key", "ray.json", "ray_token", "cancel.json"
+NODES, LOGS, TIMINGS, BEATS, ENDS = "nodes", "logs", "timings", "beats", "ends"
+
 PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")
 _RETRIES = 5
@@ -109,7 +114,7 @@ class Deployment:
         return os.path.join(self.path, *parts)
 
     def ensure(self) -> "Deployment":
-        for sub in ("", "nodes", "logs"):
+        for sub in ("", NODES, LOGS):
             _mkdir_private(self.file(sub) if sub else self.path)
         return self
 
@@ -119,9 +124,44 @@ class Deployment:
     def write(self, name: str, data: Any) -> None:
         write_json(self.file(name), data)
 
+    def rank_file(self, folder: str, rank: int) -> str:
+        """The name of rank ``rank``'s record in ``folder`` (NODES, TIMINGS, BEATS, ENDS)."""
+        return f"{folder}/{rank}.json"
+
+    def rank_records(self, folder: str) -> dict[int, dict]:
+        """Every rank's record in ``folder``, by rank (a corrupt one is skipped)."""
+        records, path = {}, self.file(folder)
+        for name in sorted(os.listdir(path)) if os.path.isdir(path) else ():
+            if name.endswith(".json") and name[:-5].isdigit():
+                try:
+                    records[int(name[:-5])] = read_json(os.path.join(path, name), {}) or {}
+                except CorruptRecord:
+                    continue
+        return records
+
+    @property
+    def job(self) -> dict:
+        """What submission recorded (job.json): executor, Slurm job id, name, predecessor, ..."""
+        return self.read(JOB, {}) or {}
+
+    @property
+    def slurm_job_id(self) -> str:
+        """The scheduler's id of this deployment's job (the deployment id unless job.json says)."""
+        job = self.job
+        return str(job.get("slurm_job_id") or job.get("job_id") or self.id)
+
+    @property
+    def spec(self) -> dict:
+        """The deployment's spec as recorded (spec.json)."""
+        return self.read(SPEC, {}) or {}
+
+    def mark_cancel(self) -> None:
+        """What `hpc-serve cancel` writes before it asks Slurm: the agents then know who ended them."""
+        self.write(CANCEL, {"at": time.time()})
+
     @property
     def state(self) -> dict:
-        return self.read("state.json", {}) or {}
+        return self.read(STATE, {}) or {}
 
     @property
     def phase(self) -> str:
@@ -130,30 +170,24 @@ class Deployment:
     def set_phase(self, phase: str, reason: str = "", **extra: Any) -> None:
         """Record a phase change, keeping the history (and every failure reason)."""
         assert phase in PHASES, phase
-        state = self.read("state.json", {}) or {}
+        state = self.read(STATE, {}) or {}
         now = time.time()
         history = state.get("history", []) + [{"phase": phase, "at": now, "reason": reason}]
-        self.write("state.json", {**state, **extra, "phase": phase, "reason": reason,
+        self.write(STATE, {**state, **extra, "phase": phase, "reason": reason,
                                   "updated": now, "history": history})
 
     def init_phase(self, phase: str, reason: str = "") -> bool:
         """Write the first state unless a node already wrote one (returns whether it wrote)."""
         now = time.time()
-        return create_json(self.file("state.json"), {
+        return create_json(self.file(STATE), {
             "phase": phase, "reason": reason, "updated": now,
             "history": [{"phase": phase, "at": now, "reason": reason}]})
 
     def nodes(self, restart: int | None = None) -> dict[int, dict]:
         """Node records by rank; with ``restart``, only those of that run of the job (a requeued
         job runs again under the same id, and its earlier records stay until overwritten)."""
-        records = {}
-        folder = self.file("nodes")
-        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
-            if name.endswith(".json") and name[:-5].isdigit():
-                record = read_json(os.path.join(folder, name), {}) or {}
-                if restart is None or record.get("restart", 0) == restart:
-                    records[int(name[:-5])] = record
-        return records
+        return {rank: record for rank, record in self.rank_records(NODES).items()
+                if restart is None or record.get("restart", 0) == restart}
 
     def remove(self, name: str) -> None:
         """Delete file ``name`` if it is there."""
@@ -163,7 +197,7 @@ class Deployment:
             pass
 
     def log_path(self, rank: int) -> str:
-        return self.file("logs", f"node-{rank}.log")
+        return self.file(LOGS, f"node-{rank}.log")
 
     def create_secret(self, name: str) -> str:
         """A fresh random secret in file ``name`` (0600, in the 0700 folder), or the one there."""
@@ -192,33 +226,15 @@ class Deployment:
         except FileNotFoundError:
             return ""
 
-    def wait_ready(self, timeout_s: float | None = None, on_update=None):
-        """Block until READY (see hpc_serve.waiting.wait_ready); returns a DeploymentStatus."""
-        from .waiting import wait_ready
-
-        return wait_ready(self, timeout_s=timeout_s, on_update=on_update)
-
     @property
     def endpoint(self) -> dict:
         """The published endpoint (url, host, port, model, served_model, api_key_file), or {}."""
-        return self.read("endpoint.json", {}) or {}
-
-    def openai_client(self, **kwargs):
-        """An ``openai.OpenAI`` client for the endpoint (pip install 'hpc-serve[openai]')."""
-        try:
-            import openai
-        except ImportError:
-            raise HpcServeError("The openai package is not installed.",
-                                "pip install 'hpc-serve[openai]' (or pip install openai).") from None
-        if not self.endpoint:
-            raise HpcServeError(f"Deployment {self.id} has no endpoint yet ({self.phase}).",
-                                "Call wait_ready() first.")
-        return openai.OpenAI(base_url=self.endpoint["url"], api_key=self.api_key or "none", **kwargs)
+        return self.read(ENDPOINT, {}) or {}
 
     @property
     def api_key(self) -> str:
         """The endpoint's API key ('' when it was started with --no-api-key)."""
-        return self.read_secret("api_key")
+        return self.read_secret(API_KEY)
 
 
 class Registry:
@@ -259,10 +275,10 @@ class Registry:
         named = []
         for dep in self.all():
             try:
-                job = dep.read("job.json", {}) or {}
+                name = dep.job.get("name")
             except CorruptRecord:
                 continue
-            if job.get("name") == key:
+            if name == key:
                 named.append(dep)
         if named:
             return named[-1]

@@ -10,8 +10,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from hpc_serve.script import render_script
-from hpc_serve.spec import build_spec
+from hpc_serve.job.sbatch import render_script
+from hpc_serve.planner.spec import build_spec
 
 HERE = Path(__file__).resolve().parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from .cluster.helpers import squeue_ids, wait_for
 
@@ -68,7 +68,7 @@ def home(cluster, monkeypatch):
     monkeypatch.setenv("HPC_SERVE_PYTHON", sys.executable)
     monkeypatch.setenv("SLURM_CONF", cluster.slurm_conf)
     yield path
-    from hpc_serve import client
+    from hpc_serve.client import control as client
 
     try:  # also ends --executor local deployments, which no scancel reaches
         client.cancel_all(str(path))

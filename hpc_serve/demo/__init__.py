@@ -1,6 +1,6 @@
 """`hpc-serve demo`: the whole path on one machine, with nothing to prepare.
 
-Starts a throwaway 2-node Slurm cluster (hpc_serve.localcluster), installs vLLM's CPU build and
+Starts a throwaway 2-node Slurm cluster (hpc_serve.demo.localcluster), installs vLLM's CPU build and
 makes a tiny model offline (once per machine), submits a real 2-node deployment of it (PP=2,
 vLLM's mp launcher), waits until it serves, sends a chat request, prints the endpoint, and tears
 everything down (or keeps it with --keep). Needs root and Debian/Ubuntu packages.
@@ -36,9 +36,11 @@ def _chat(url: str, model: str, api_key: str) -> tuple[str, float]:
 
 def run_demo(keep: bool = False) -> int:
     """Run the demo; returns the exit code."""
-    from .. import client, localcluster
-    from ..spec import build_spec
-    from ..submit import submit
+    from ..client import control as client
+    from ..client.handle import DeploymentHandle
+    from . import localcluster
+    from ..planner.spec import build_spec
+    from ..job.submission import submit
     from .vllm_env import ensure_vllm_env
 
     localcluster.require_root()
@@ -51,7 +53,7 @@ def run_demo(keep: bool = False) -> int:
         spec = build_spec(model=env.model, nodes=2, gpus_per_node=1, pp=2, launcher="mp", name="demo",
                           engine_cmd=env.engine_cmd, env=["VLLM_CPU_KVCACHE_SPACE=1"],
                           vllm_args=["--max-model-len", "512"], home=home)
-        dep = submit(spec)
+        dep = DeploymentHandle.of(submit(spec))
         _say(f"submitted job {dep.id}: hpc-serve submit {env.model} --nodes 2 --pp 2 --launcher mp")
         try:
             dep.wait_ready(READY_TIMEOUT_S, lambda p: _say(f"[{p.waited_s:5.1f} s] {p.line()}"))
@@ -66,7 +68,7 @@ def run_demo(keep: bool = False) -> int:
             _say(f"kept running. Try: curl -H \"Authorization: Bearer $(cat {endpoint['api_key_file']})\" "
                  f"{endpoint['url']}/models")
             _say(f"then: SLURM_CONF={cluster.slurm_conf} HPC_SERVE_HOME={home} hpc-serve cancel {dep.id}; "
-                 "python -m hpc_serve.localcluster down")
+                 "python -m hpc_serve.demo.localcluster down")
             return 0
         client.cancel(dep.id, home)
         _say("cancelled the deployment")
@@ -74,4 +76,4 @@ def run_demo(keep: bool = False) -> int:
     finally:
         if not keep:
             localcluster.down()
-            _say("cluster removed (python -m hpc_serve.localcluster down)")
+            _say("cluster removed (python -m hpc_serve.demo.localcluster down)")

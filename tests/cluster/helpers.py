@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 HPC_SERVE = [sys.executable, "-m", "hpc_serve"]
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from .helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
 from .test_restarts import phase_is, release, submitted

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from .helpers import job_processes, read_state, run_cli, squeue_ids, wait_for
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from .helpers import (all_nodes_reported, deployment_dir, job_processes, read_state, run_cli,
                        squeue_ids, wait_for)
@@ -208,7 +208,7 @@ def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
     done = run_cli("cancel", job_id)
     assert done.returncode == 0, done.stderr
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
-    from hpc_serve.localcluster import _alive
+    from hpc_serve.demo.localcluster import _alive
 
     wait_for(lambda: not _alive(pid), 15, f"the local job's controller (pid {pid}) to end")
 

@@ -68,11 +68,11 @@ def test_submit_waits_by_default_and_ctrl_c_leaves_it_running(cluster, home):
 
 
 def test_python_api_wait_ready_raises_when_the_job_ends(cluster, home):
-    from hpc_serve.registry import Registry
-    from hpc_serve.waiting import WaitFailed
+    from hpc_serve.client.handle import DeploymentHandle
+    from hpc_serve.client.waiting import WaitFailed
 
     job_id = submitted("--gpus-per-node", "8", "--launcher", "mp")
-    dep = Registry(str(home)).deployment(job_id)
+    dep = DeploymentHandle(str(home), job_id)
     seen = []
     threading_cancel = subprocess.Popen([sys.executable, "-c", (
         "import time, subprocess, sys; time.sleep(4); "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from ..cluster.helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
 
@@ -118,9 +118,9 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     assert described["url"] == url and described["model"] == vllm_env.model
     assert described["host"] == cluster.node_ip("node1") and described["hostname"] == "node1"
     assert described["api_key_file"] == str(deployment_dir(home, job_id) / "api_key")
-    from hpc_serve.registry import Registry
+    from hpc_serve.client.handle import DeploymentHandle
 
-    client = Registry(str(home)).deployment(job_id).openai_client()
+    client = DeploymentHandle(str(home), job_id).openai_client()
     assert [m.id for m in client.models.list().data] == [vllm_env.model]
     completion = client.completions.create(model=vllm_env.model, prompt="Hello", max_tokens=4)
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == 4
@@ -162,10 +162,10 @@ def test_engine_failing_while_loading_is_failed_with_its_reason(cluster, home, v
 
 
 def test_every_scenario_argv_parses_with_vllms_own_parser(vllm_env):
-    from hpc_serve.launch import make_plan
-    from hpc_serve.node_args import parse_node_args
-    from hpc_serve.spec import build_spec
-    from hpc_serve.vllm_args import Runtime
+    from hpc_serve.planner.launch import make_plan
+    from hpc_serve.node.args import parse_node_args
+    from hpc_serve.planner.spec import build_spec
+    from hpc_serve.planner.vllm_args import Runtime
 
     rt = Runtime(node_ip="10.0.0.2", head_ip="10.0.0.1", api_port="20000", ray_port="20001",
                  master_port="20002", dp_rpc_port="20003", ray_client_port="20004", tmp_dir="/tmp/hs-1")

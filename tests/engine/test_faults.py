@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve import localcluster
+from hpc_serve.demo import localcluster
 
 from ..cluster.helpers import job_processes, read_state, run_cli, squeue_ids, wait_for
 from .test_engine import submit, wait_phase
@@ -68,9 +68,9 @@ def requeue_released(cluster, job_id: str, exclude: str) -> None:
 
 
 def chat_through_the_api(home, job_id: str) -> str:
-    from hpc_serve.registry import Registry
+    from hpc_serve.client.handle import DeploymentHandle
 
-    client = Registry(str(home)).deployment(job_id).openai_client(max_retries=0, timeout=60)
+    client = DeploymentHandle(str(home), job_id).openai_client(max_retries=0, timeout=60)
     model = client.models.list().data[0].id
     reply = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi"}],
                                            max_tokens=4)

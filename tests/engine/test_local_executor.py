@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hpc_serve.engine import marked_processes
+from hpc_serve.node.engine import marked_processes
 
 from ..cluster.helpers import read_state, run_cli, wait_for
 

@@ -107,7 +107,7 @@ def test_a_node_that_never_joins_is_named_and_the_job_ends(cluster, home, vllm_e
 
 def listening_ports(cluster, node: str, job_id: str) -> set[int]:
     """TCP ports in LISTEN that processes of ``job_id`` (by their marker) hold on ``node``."""
-    from hpc_serve import localcluster
+    from hpc_serve.demo import localcluster
 
     inodes: set[str] = set()
     for pid in localcluster.namespace_pids(cluster.namespace(node)):
@@ -137,7 +137,7 @@ def test_two_ray_deployments_on_one_node_keep_to_their_own_ports(cluster, home, 
     import sys
     from dataclasses import astuple
 
-    from hpc_serve.ports import job_ports
+    from hpc_serve.planner.ports import job_ports
 
     monkeypatch.setenv("HPC_SERVE_ENGINE_CMD", f"{sys.executable} -c 'import time; time.sleep(10**6)'")
     script = tmp_path / "ray.sbatch"

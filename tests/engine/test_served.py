@@ -199,7 +199,7 @@ def test_the_tunnel_follows_the_endpoint_when_the_deployment_moves(sshd, tmp_pat
     import json
     import urllib.request
 
-    from hpc_serve.tunnel import Tunnel, TunnelSpec, endpoint_target, free_local_port
+    from hpc_serve.client.tunnel import Tunnel, TunnelSpec, endpoint_target, free_local_port
 
     servers = []
     for name in ("first run", "second run"):

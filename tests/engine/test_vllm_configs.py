@@ -48,18 +48,18 @@ def run_driver(vllm_env, mode: str, payload, timeout: int = 600, env: dict | Non
 # --- the option table -----------------------------------------------------------------------
 
 def test_the_option_table_is_what_vllms_parser_derives(vllm_env):
-    from hpc_serve import vllm_parser
+    from hpc_serve.planner import vllm_parser
 
     derived = run_driver(vllm_env, "table", None)
     table = {dest: [kind, nargs, list(flags), list(negatives)]
              for dest, (kind, nargs, flags, negatives) in vllm_parser._TABLE.items()}
-    assert derived["table"] == table, "vLLM's parser changed: regenerate with python -m hpc_serve.vllm_parser"
+    assert derived["table"] == table, "vLLM's parser changed: regenerate with python -m hpc_serve.planner.vllm_parser"
     assert derived["all2all_choices"] == sorted(vllm_parser.ALL2ALL_CHOICES)
     assert derived["version"].startswith("0.32")
 
 
 def _spellings() -> list[str]:
-    from hpc_serve.vllm_parser import OPTIONS
+    from hpc_serve.planner.vllm_parser import OPTIONS
 
     words = set()
     for flag in OPTIONS:
@@ -72,7 +72,7 @@ def _spellings() -> list[str]:
 
 
 def test_every_spelling_resolves_as_vllms_parser_resolves_it(vllm_env):
-    from hpc_serve.vllm_parser import LATER_NEGATIONS, OPTIONS, resolve
+    from hpc_serve.planner.vllm_parser import LATER_NEGATIONS, OPTIONS, resolve
 
     words = _spellings()
     vllm = run_driver(vllm_env, "resolve", words)
@@ -100,7 +100,7 @@ FULL = [["--tensor_parallel_size=4"], ["--tensor-par", "4"], ["-n2"], ["-r=1"], 
 
 
 def test_whole_pass_through_lines_set_what_hpc_serve_reads_them_as(vllm_env):
-    from hpc_serve.vllm_parser import read_args
+    from hpc_serve.planner.vllm_parser import read_args
 
     changed = run_driver(vllm_env, "full", FULL)
     for argv, dests in zip(FULL, changed):
@@ -111,7 +111,7 @@ def test_whole_pass_through_lines_set_what_hpc_serve_reads_them_as(vllm_env):
 # --- every layout through vLLM's parser, dispatch and config ---------------------------------
 
 def _sbatch_layouts() -> list[tuple[str, dict]]:
-    from hpc_serve.node_args import parse_node_args
+    from hpc_serve.node.args import parse_node_args
 
     out = []
     for path in sorted((ROOT / "sbatch").glob("*.sbatch")):
@@ -155,10 +155,10 @@ def _model_dirs(base: Path, tiny: str) -> dict[str, str]:
 
 
 def _node_argvs(name: str, values: dict, models: dict[str, str]) -> list[dict]:
-    from hpc_serve.launch import make_plan
-    from hpc_serve.ports import job_ports
-    from hpc_serve.spec import build_spec
-    from hpc_serve.vllm_args import Runtime
+    from hpc_serve.planner.launch import make_plan
+    from hpc_serve.planner.ports import job_ports
+    from hpc_serve.planner.spec import build_spec
+    from hpc_serve.planner.vllm_args import Runtime
 
     model = models["moe" if values.get("ep") else "dense"]
     spec = build_spec(**{**values, "model": model, "executor": "local"})
@@ -277,11 +277,11 @@ def ray_two_nodes(vllm_env, tmp_path_factory):
     cluster both nodes use the same job's); the GCS is the head's."""
     from dataclasses import replace
 
-    from hpc_serve.launch import node_plan
-    from hpc_serve.ports import job_ports
-    from hpc_serve.ray_cluster import ray_env
-    from hpc_serve.spec import build_spec
-    from hpc_serve.vllm_args import Runtime
+    from hpc_serve.planner.launch import node_plan
+    from hpc_serve.planner.ports import job_ports
+    from hpc_serve.node.ray_cluster import ray_env
+    from hpc_serve.planner.spec import build_spec
+    from hpc_serve.planner.vllm_args import Runtime
 
     # short: Ray's Unix socket paths under it must stay within 107 bytes, which pytest's own
     # temp folders (/tmp/pytest-of-root/pytest-108/...) can exceed
@@ -367,8 +367,8 @@ def test_ray_nodes_listen_only_on_the_jobs_ports(vllm_env, ray_two_nodes):
 
 
 def test_ray_start_knows_every_flag_hpc_serve_passes(vllm_env):
-    from hpc_serve.ray_args import ray_argv
-    from hpc_serve.vllm_args import Runtime
+    from hpc_serve.planner.ray_args import ray_argv
+    from hpc_serve.planner.vllm_args import Runtime
 
     shown = subprocess.run([vllm_env.ray_cmd, "start", "--help"], capture_output=True, text=True,
                            timeout=120).stdout
@@ -392,7 +392,7 @@ def _drive_table(_payload):
     import vllm
     from vllm.engine.arg_utils import EngineArgs  # noqa: F401
 
-    from hpc_serve.vllm_parser import derive, vllm_serve_parser
+    from hpc_serve.planner.vllm_parser import derive, vllm_serve_parser
 
     serve, fields = vllm_serve_parser()
     table = {dest: [kind, nargs, list(flags), list(negatives)]
@@ -402,7 +402,7 @@ def _drive_table(_payload):
 
 
 def _drive_resolve(words):
-    from hpc_serve.vllm_parser import _normalise, vllm_serve_parser
+    from hpc_serve.planner.vllm_parser import _normalise, vllm_serve_parser
 
     serve, _ = vllm_serve_parser()
     serve.error = lambda message: (_ for _ in ()).throw(ValueError(message))
@@ -420,7 +420,7 @@ def _drive_resolve(words):
 
 
 def _drive_full(argvs):
-    from hpc_serve.vllm_parser import vllm_serve_parser
+    from hpc_serve.planner.vllm_parser import vllm_serve_parser
 
     serve, _ = vllm_serve_parser()
     base = vars(serve.parse_args(["m"]))
@@ -436,7 +436,7 @@ def _drive_configs(runs):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    from hpc_serve.vllm_parser import vllm_serve_parser
+    from hpc_serve.planner.vllm_parser import vllm_serve_parser
 
     serve, _ = vllm_serve_parser()
     parser = serve  # the `serve` subparser: argv starts after "vllm serve"
@@ -493,7 +493,7 @@ def _drive_placement(payload):
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.utils import CoreEngineActorManager
 
-    from hpc_serve.vllm_parser import vllm_serve_parser
+    from hpc_serve.planner.vllm_parser import vllm_serve_parser
 
     serve, _ = vllm_serve_parser()
     from ray._private.state import available_resources_per_node

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpc_serve.engine import marked_processes
+from hpc_serve.node.engine import marked_processes
 
 from ..cluster.helpers import read_state, run_cli, wait_for
 
@@ -69,9 +69,9 @@ def serve(home: Path, launcher: str, cache: Path) -> tuple[str, float]:
 
 
 def check_the_openai_api(home: Path, job_id: str) -> None:
-    from hpc_serve.registry import Registry
+    from hpc_serve.client.handle import DeploymentHandle
 
-    client = Registry(str(home)).deployment(job_id).openai_client(max_retries=0, timeout=120)
+    client = DeploymentHandle(str(home), job_id).openai_client(max_retries=0, timeout=120)
     model = client.models.list().data[0].id
     done = client.completions.create(model=model, prompt="The GPU", max_tokens=8)
     assert done.choices[0].finish_reason in ("length", "stop")

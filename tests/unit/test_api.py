@@ -30,5 +30,5 @@ def test_import_is_light():
     import subprocess
     import sys
 
-    code = "import sys, hpc_serve; print(sorted(m for m in ('jinja2','rich','json','hpc_serve.launch') if m in sys.modules))"
+    code = "import sys, hpc_serve; print(sorted(m for m in ('jinja2','rich','json','hpc_serve.planner.launch') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"

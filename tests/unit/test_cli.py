@@ -138,7 +138,7 @@ def test_config_show_sources(isolated_config):
 
 
 def test_cli_does_not_import_heavy_modules():
-    code = ("import sys; from hpc_serve.cli import main; main(['render','m','--gpus-per-node','1']); "
+    code = ("import sys; from hpc_serve.cli.app import main; main(['render','m','--gpus-per-node','1']); "
             "bad = [m for m in ('ray','vllm','submitit','rich','torch') if m in sys.modules]; "
             "sys.stderr.write(repr(bad))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -147,6 +147,6 @@ def test_cli_does_not_import_heavy_modules():
 
 def test_node_agent_imports_without_cli_dependencies():
     code = ("import sys; sys.modules['jinja2'] = None; sys.modules['rich'] = None; "
-            "import hpc_serve.node, hpc_serve.launch; print('ok')")
+            "import hpc_serve.node.agent, hpc_serve.planner.launch; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "ok", done.stderr

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hpc_serve.vllm_parser import MANAGED, OPTIONS, REFUSED
+from hpc_serve.planner.vllm_parser import MANAGED, OPTIONS, REFUSED
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "concepts.md").read_text()
 

@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.layout import resolve_layout
+from hpc_serve.planner.layout import resolve_layout
 
 
 def test_tp8_pp2_on_two_nodes_derives_dp1():

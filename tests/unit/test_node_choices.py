@@ -8,12 +8,12 @@ import time
 
 import pytest
 
-from hpc_serve.ending import judge, mark_cancel, note_signal
-from hpc_serve.engine import cache_env, end_leftovers, marked_processes
+from hpc_serve.node.ending import judge, note_signal
+from hpc_serve.node.engine import cache_env, end_leftovers, marked_processes
 from hpc_serve.errors import HpcServeError
-from hpc_serve.netaddr import Interface, check_network, choose_address, interfaces
+from hpc_serve.node.netaddr import Interface, check_network, choose_address, interfaces
 from hpc_serve.registry import Registry
-from hpc_serve.submit import local_gpus
+from hpc_serve.job.submission import local_gpus
 
 LO = Interface("lo", "127.0.0.1", True, True)
 ETH = Interface("eth0", "10.0.0.5", True, False)
@@ -147,7 +147,7 @@ def test_a_node_whose_agent_never_notes_the_signal_vanished(dep):
 def test_the_users_cancel_the_time_limit_and_a_failure_win(dep):
     assert judge(dep, "local-1", 0, 0, "SIGUSR1", since=0).phase == "TIMEOUT"
     started = time.time()
-    mark_cancel(dep)
+    dep.mark_cancel()
     assert judge(dep, "local-1", 0, 0, "SIGTERM", since=started - 1).reason == "cancelled (hpc-serve cancel)"
     assert judge(dep, "local-1", 0, 0, "SIGTERM", since=started + 60, note_wait_s=0.1).phase == "FAILED"  # an old mark
     dep.write("nodes/1.json", {"rank": 1, "hostname": "n2", "restart": 0, "failed": "vllm on node 1 exited"})
@@ -176,7 +176,7 @@ time.sleep(60)
 
 
 def test_the_cleanup_keeps_the_shm_files_a_live_process_still_uses(tmp_path):
-    from hpc_serve.engine import clean_node, shm_files, shm_in_use
+    from hpc_serve.node.engine import clean_node, shm_files, shm_in_use
 
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     ours_file, theirs_file = f"/dev/shm/vllm-test-ours-{tag}", f"/dev/shm/vllm-test-theirs-{tag}"
@@ -208,7 +208,7 @@ def test_the_cleanup_keeps_the_shm_files_a_live_process_still_uses(tmp_path):
 
 
 def test_the_job_folder_must_be_this_users_own(tmp_path):
-    from hpc_serve.engine import private_dir
+    from hpc_serve.node.engine import private_dir
 
     made = private_dir(str(tmp_path / "hs-1"))
     assert os.stat(made).st_mode & 0o777 == 0o700

@@ -3,8 +3,8 @@
 import threading
 import time
 
-from hpc_serve.engine import sweep_stale_tmp
-from hpc_serve.heartbeat import Heartbeat
+from hpc_serve.node.engine import sweep_stale_tmp
+from hpc_serve.node.heartbeat import Heartbeat
 from hpc_serve.registry import Registry
 
 
@@ -54,7 +54,7 @@ def renewal_chain(tmp_path):
 
 
 def test_the_serving_deployment_of_a_renewal_chain(tmp_path):
-    from hpc_serve.client import serving
+    from hpc_serve.client.control import serving
 
     registry, deps = renewal_chain(tmp_path)
     assert [serving(registry, dep).id for dep in deps] == ["2", "2", "2"]
@@ -63,7 +63,7 @@ def test_the_serving_deployment_of_a_renewal_chain(tmp_path):
 
 
 def test_the_tunnel_target_follows_a_hand_over(tmp_path):
-    from hpc_serve.tunnel import endpoint_target
+    from hpc_serve.client.tunnel import endpoint_target
 
     registry, deps = renewal_chain(tmp_path)
     assert endpoint_target(deps[0].path)() == ("10.0.0.2", 2002)

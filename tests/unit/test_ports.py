@@ -5,10 +5,10 @@ import itertools
 
 import pytest
 
-from hpc_serve.launch import make_plan, node_plan
-from hpc_serve.ports import job_ports
-from hpc_serve.spec import build_spec
-from hpc_serve.vllm_args import Runtime
+from hpc_serve.planner.launch import make_plan, node_plan
+from hpc_serve.planner.ports import job_ports
+from hpc_serve.planner.spec import build_spec
+from hpc_serve.planner.vllm_args import Runtime
 
 
 def spec(**kwargs):

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.script import render_script, render_template
-from hpc_serve.spec import build_spec
+from hpc_serve.job.sbatch import render_script, render_template
+from hpc_serve.planner.spec import build_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = Path(__file__).parent / "golden"
@@ -80,7 +80,7 @@ def test_strict_undefined_fails_loudly():
 
 
 def test_directive_filter_refuses_unsafe_values():
-    from hpc_serve.script import _directive
+    from hpc_serve.job.sbatch import _directive
 
     with pytest.raises(HpcServeError):
         _directive("gpu; rm -rf ~")
@@ -99,7 +99,7 @@ def test_sbatch_scripts_match_the_templates():
 
 
 def test_sbatch_scripts_parse_back_to_their_layout():
-    from hpc_serve.node_args import parse_node_args
+    from hpc_serve.node.args import parse_node_args
 
     for path in sorted((ROOT / "sbatch").glob("*.sbatch")):
         text = path.read_text()

@@ -3,7 +3,7 @@
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.settings import resolve_settings, user_config_path
+from hpc_serve.planner.settings import resolve_settings, user_config_path
 
 
 @pytest.fixture

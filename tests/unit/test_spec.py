@@ -5,7 +5,7 @@ import json
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.spec import build_spec, parse_env, parse_time
+from hpc_serve.planner.spec import build_spec, parse_env, parse_time
 
 BASE = {"model": "org/model", "gpus_per_node": 8}
 
@@ -153,7 +153,7 @@ def test_to_json_round_trips():
 
 
 def test_api_key_is_on_by_default_and_opting_out_warns_and_reaches_the_agent():
-    from hpc_serve.node_args import parse_node_args, to_node_args
+    from hpc_serve.node.args import parse_node_args, to_node_args
 
     on = build_spec(model="org/m", gpus_per_node=1)
     assert on.api_key and "--no-api-key" not in to_node_args(on)
@@ -164,7 +164,7 @@ def test_api_key_is_on_by_default_and_opting_out_warns_and_reaches_the_agent():
 
 
 def test_max_restarts_is_checked_and_reaches_the_agent():
-    from hpc_serve.node_args import parse_node_args, to_node_args
+    from hpc_serve.node.args import parse_node_args, to_node_args
 
     assert "--max-restarts" not in to_node_args(build_spec(model="org/m", gpus_per_node=1))
     two = build_spec(model="org/m", gpus_per_node=1, max_restarts=2)
@@ -176,14 +176,14 @@ def test_max_restarts_is_checked_and_reaches_the_agent():
 
 
 def test_max_restarts_needs_slurm():
-    from hpc_serve.submit import submit
+    from hpc_serve.job.submission import submit
 
     with pytest.raises(HpcServeError, match="--max-restarts needs Slurm"):
         submit(build_spec(model="org/m", gpus_per_node=1, max_restarts=1, executor="local"))
 
 
 def test_auto_renew_needs_a_time_limit_longer_than_its_lead_and_reaches_the_agent():
-    from hpc_serve.node_args import parse_node_args, to_node_args
+    from hpc_serve.node.args import parse_node_args, to_node_args
 
     with pytest.raises(HpcServeError, match="--auto-renew needs a time limit"):
         build_spec(model="org/m", gpus_per_node=1, auto_renew=True)

@@ -3,9 +3,9 @@
 import pytest
 
 from hpc_serve.errors import HpcServeError
-from hpc_serve.launch import make_plan, node_plan
-from hpc_serve.spec import build_spec
-from hpc_serve.vllm_args import Runtime, engine_argv, served_model_name
+from hpc_serve.planner.launch import make_plan, node_plan
+from hpc_serve.planner.spec import build_spec
+from hpc_serve.planner.vllm_args import Runtime, engine_argv, served_model_name
 
 RT = Runtime(node_ip="10.0.0.2", head_ip="10.0.0.1", api_port="20000", ray_port="20001",
              master_port="20002", dp_rpc_port="20003", ray_client_port="20004", tmp_dir="/tmp/hs-1")

@@ -5,7 +5,7 @@ tests/engine/test_vllm_configs.py checks the same against vLLM's real parser; th
 
 import pytest
 
-from hpc_serve.vllm_parser import MANAGED, OPTIONS, REFUSED, read_args, resolve
+from hpc_serve.planner.vllm_parser import MANAGED, OPTIONS, REFUSED, read_args, resolve
 
 
 @pytest.mark.parametrize("word,option,value", [

@@ -2,9 +2,9 @@
 
 import pytest
 
-from hpc_serve.client import DeploymentStatus
-from hpc_serve.engine import exit_reason, root_error
-from hpc_serve.waiting import Progress
+from hpc_serve.client.control import DeploymentStatus
+from hpc_serve.node.engine import exit_reason, root_error
+from hpc_serve.client.waiting import Progress
 
 
 def status(slurm="RUNNING", phase="LOADING", reason=""):

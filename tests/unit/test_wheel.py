@@ -27,6 +27,6 @@ def test_wheel_installs_and_renders_away_from_the_repository(tmp_path):
                           env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert "#SBATCH --nodes=2" in done.stdout
-    where = subprocess.run([str(python), "-c", "from hpc_serve.script import templates_dir; print(templates_dir())"],
+    where = subprocess.run([str(python), "-c", "from hpc_serve.job.sbatch import templates_dir; print(templates_dir())"],
                            capture_output=True, text=True, cwd=elsewhere, check=True).stdout
     assert "site-packages/hpc_serve/templates" in where

@@ -12,7 +12,7 @@ Cancel and the time-limit signal stop vLLM (then Ray) and record STOPPED or TIME
 Restarts: a requeued job runs again under the same id with SLURM_RESTART_COUNT set; every record of
 a run carries that count, so nothing of an earlier run is mistaken for this one. Rank 0 requeues a
 failed deployment itself while `--max-restarts` allows (RESTARTING). When a signal ends the run,
-`hpc_serve.ending` decides why (cancel, time limit, requeue, or another node's agent vanishing)
+`hpc_serve.node.ending` decides why (cancel, time limit, requeue, or another node's agent vanishing)
 at once, while the engines stop.
 """
 
@@ -28,15 +28,15 @@ import time
 from typing import Any
 
 from .ending import judge, note_signal
-from .errors import HpcServeError
+from ..errors import HpcServeError
 from .heartbeat import Heartbeat
-from .launch import make_plan
-from .node_args import parse_node_args
-from .registry import TERMINAL, Deployment, Registry, create_json, registry_root
-from .spec import DeploymentSpec, build_spec
+from ..planner.launch import make_plan
+from .args import node_spec
+from ..registry import TERMINAL, Deployment, Registry, create_json, registry_root
+from ..planner.spec import DeploymentSpec
 
 JOIN_TIMEOUT_S = float(os.environ.get("HPC_SERVE_JOIN_TIMEOUT", "120"))
-#: The signals that end a run (USR1 and USR2: the time limit is near; see hpc_serve.ending).
+#: The signals that end a run (USR1 and USR2: the time limit is near; see hpc_serve.node.ending).
 _END_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -206,7 +206,7 @@ def _end_failed(spec: DeploymentSpec, dep: Deployment, job_id: str, reason: str,
                 stop: threading.Event) -> int:
     """Rank 0: a failure ends this run. While --max-restarts allows, the job is requeued
     (RESTARTING; Slurm ends this run and starts it again under the same id); else FAILED."""
-    from .slurm import requeue
+    from ..slurm import requeue
 
     failures = int(dep.state.get("failures", 0)) + 1
     log(reason)
@@ -231,7 +231,7 @@ def _end_failed(spec: DeploymentSpec, dep: Deployment, job_id: str, reason: str,
 def _hand_over(dep: Deployment, job_id: str, successor: Deployment, log: NodeLog,
                stop: threading.Event) -> int:
     """The successor serves: withdraw this endpoint, record STOPPED and end this job."""
-    from .slurm import scancel
+    from ..slurm import scancel
 
     url = successor.endpoint.get("url", "?")
     _withdraw_endpoint(dep, job_id, log)
@@ -289,8 +289,8 @@ def _serve(spec: DeploymentSpec, dep: Deployment, rank: int, job_id: str, identi
     """Start this node's planned processes (Ray, then vLLM), then watch them until the end."""
     from .engine import (EngineProcess, busy_ports, clean_node, exit_reason, make_runtime, private_dir,
                          serves, shm_files, unguarded)
-    from .launch import Process, node_plan
-    from .vllm_args import served_model_name
+    from ..planner.launch import Process, node_plan
+    from ..planner.vllm_args import served_model_name
 
     where = f"node {rank} ({identity['hostname']})"
 
@@ -407,7 +407,7 @@ def _auth_env(spec: DeploymentSpec, api_key: str, tmp_dir: str) -> tuple[tuple[s
     """The key for the middleware that asks for it on every path (hpc_serve.vllm_auth, copied
     where vLLM's own Python finds it). Not VLLM_API_KEY: vLLM 0.24 hashes that into its compile
     cache key and writes it into the cache folder."""
-    from .vllm_auth import KEY_ENV, OPEN_PATHS_ENV, install
+    from ..vllm_auth import KEY_ENV, OPEN_PATHS_ENV, install
 
     folder = install(os.path.join(tmp_dir, "py"))
     path = os.pathsep.join(p for p in (folder, dict(spec.env).get("PYTHONPATH") or os.environ.get("PYTHONPATH")) if p)
@@ -429,7 +429,7 @@ def _form_ray(spec: DeploymentSpec, dep: Deployment, rt, head, log: NodeLog,
               stop: threading.Event) -> str | None:
     """Rank 0: wait for the head's port, publish it, and wait until every node and GPU joined."""
     from .engine import exit_reason, wait_until
-    from .ports import port_open
+    from ..planner.ports import port_open
     from .ray_cluster import ClusterProbe, ray_env, ray_python, wait_formed
 
     lay, address = spec.layout, f"{rt.node_ip}:{rt.ray_port}"
@@ -485,7 +485,7 @@ def _sweep_leftovers(job_id: str, log: NodeLog) -> None:
     on this node (a job Slurm still has, anywhere, is never touched; nor anything when squeue
     cannot say)."""
     from .engine import end_leftovers, sweep_stale_tmp
-    from .slurm import user_jobs
+    from ..slurm import user_jobs
 
     live = user_jobs()
     for marker, pids in end_leftovers(live, job_id).items():
@@ -498,7 +498,7 @@ def _sweep_leftovers(job_id: str, log: NodeLog) -> None:
 
 def _publish_comment(job_id: str, url: str, log: NodeLog) -> None:
     """Put the endpoint in the job's comment, so that `squeue -o %k` shows it."""
-    from .slurm import which
+    from ..slurm import which
 
     scontrol = which("scontrol")
     if not job_id.isdigit() or scontrol is None:
@@ -534,8 +534,7 @@ def run_task(model: str, node_args: list[str], home: str, local_gpus: str | None
     import submitit
 
     job_env = submitit.JobEnvironment()
-    spec = build_spec(**{**parse_node_args(["--model", model, *node_args]), "home": home,
-                         "executor": "local"})
+    spec = node_spec(["--model", model, *node_args], home)
     executor = "local" if job_env.cluster == "local" else "slurm"
     if executor == "local" and local_gpus is not None:
         per_node = spec.layout.gpus_per_node
@@ -552,14 +551,10 @@ def run_task(model: str, node_args: list[str], home: str, local_gpus: str | None
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m hpc_serve.node` (the sbatch templates' srun line)."""
     try:
-        values = parse_node_args(sys.argv[1:] if argv is None else argv)
-        spec = build_spec(executor="local", **values)
+        spec = node_spec(sys.argv[1:] if argv is None else argv)
         rank, job_id, executor = _rank_and_job()
         return run(spec, rank, job_id, executor)
     except HpcServeError as exc:
         exc.report("hpc-serve node")
         return exc.exit_code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -7,7 +7,7 @@ import re
 import shlex
 from dataclasses import asdict, dataclass, field
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 from .layout import Layout, resolve_layout
 from .model_info import check_moe
 
@@ -212,7 +212,7 @@ def build_spec(
     open_metrics: bool = False,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
-    from .netaddr import check_network
+    from ..node.netaddr import check_network
     from .vllm_args import check_all2all_backend, check_passthrough  # local: one-way imports
 
     del login_host, ssh_cmd  # client-side settings (tunnel); accepted so that one settings dict fits

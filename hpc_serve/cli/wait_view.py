@@ -7,9 +7,9 @@ import shlex
 import socket
 import sys
 
-from .client import DeploymentStatus
-from .registry import Deployment
-from .waiting import Progress, wait_ready
+from ..client.control import DeploymentStatus
+from ..registry import Deployment
+from ..client.waiting import Progress, wait_ready
 
 
 def wait_with_view(target: Deployment | str, home: str | None, timeout_s: float | None) -> DeploymentStatus:

@@ -11,10 +11,10 @@ import shlex
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 from .layout import Layout
 from .ports import Ports
-from .vllm_auth import MIDDLEWARE as AUTH_MIDDLEWARE
+from ..vllm_auth import MIDDLEWARE as AUTH_MIDDLEWARE
 from .vllm_parser import ALL2ALL_CHOICES, ALL2ALL_REMOVED, MANAGED, REFUSED, Arg, read_args
 
 

@@ -7,12 +7,12 @@ import re
 import shlex
 from functools import lru_cache
 
-from . import __version__
-from .errors import HpcServeError
-from .node_args import node_command
-from .spec import DeploymentSpec
+from ..version import __version__
+from ..errors import HpcServeError
+from ..node.args import node_command
+from ..planner.spec import DeploymentSpec
 
-_PACKAGE = os.path.dirname(os.path.realpath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # hpc_serve/
 #: Where the node agent's package is bound inside a container.
 CONTAINER_PKG = "/opt/hpc-serve-pkg"
 

@@ -14,7 +14,7 @@ import socket
 import struct
 from dataclasses import dataclass
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 
 _SIOCGIFFLAGS, _SIOCGIFADDR = 0x8913, 0x8915
 _IFF_UP, _IFF_LOOPBACK = 0x1, 0x8

@@ -5,8 +5,8 @@ slurmd; the controller and munged run in the root namespace; every node has 8 fa
 gres. Needs root and Debian/Ubuntu packages (installed when missing). `down()` removes every
 daemon, namespace, bridge and /etc entry it made, and is safe to run twice.
 
-    python -m hpc_serve.localcluster up --nodes 4     # by hand
-    python -m hpc_serve.localcluster down
+    python -m hpc_serve.demo.localcluster up --nodes 4     # by hand
+    python -m hpc_serve.demo.localcluster down
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 
 STATE_DIR = Path(os.environ.get("HPC_SERVE_CLUSTER_DIR", "/var/lib/hpc-serve-cluster"))
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "iproute2", "util-linux")
@@ -61,7 +61,7 @@ def _run(*argv: str, check: bool = True, **kwargs) -> subprocess.CompletedProces
     done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
     if check and done.returncode != 0:
         raise HpcServeError(f"`{' '.join(argv)}` failed: {(done.stderr or done.stdout).strip()[-400:]}",
-                            "See the message above; `python -m hpc_serve.localcluster down` cleans up.")
+                            "See the message above; `python -m hpc_serve.demo.localcluster down` cleans up.")
     return done
 
 
@@ -167,7 +167,7 @@ def _network(nodes: list[str]) -> None:
 
 def _visible_paths() -> list[str]:
     """Paths under /tmp that nodes must still see (this interpreter, this package)."""
-    keep = {sys.prefix, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    keep = {sys.prefix, str(Path(__file__).resolve().parents[2])}  # the checkout holding hpc_serve
     return sorted(p for p in keep if p == "/tmp" or p.startswith("/tmp/"))
 
 
@@ -350,7 +350,7 @@ def down(state_dir: Path = STATE_DIR) -> None:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m hpc_serve.localcluster", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m hpc_serve.demo.localcluster", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("up", help="start (or restart) the cluster")
     start.add_argument("--nodes", type=int, default=2)

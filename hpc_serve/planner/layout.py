@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 
 LAUNCHERS = ("auto", "ray", "mp")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 

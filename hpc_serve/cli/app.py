@@ -12,8 +12,8 @@ import os
 import sys
 from typing import Any
 
-from . import __version__
-from .errors import HpcServeError
+from ..version import __version__
+from ..errors import HpcServeError
 
 
 # (flags, dest, kind, help) for every spec option shared by submit, render and plan.
@@ -115,8 +115,8 @@ def _command_line(argv: list[str], vllm_args: list[str]) -> str:
 
 
 def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from .api import resolve
-    from .script import render_script
+    from ..api import resolve
+    from ..job.sbatch import render_script
 
     options, profile = _spec_options(ns, vllm_args)
     spec, settings = resolve(profile=profile, **options)
@@ -137,8 +137,8 @@ def cmd_render(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def cmd_plan(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from .api import resolve
-    from .launch import make_plan
+    from ..api import resolve
+    from ..planner.launch import make_plan
 
     options, profile = _spec_options(ns, vllm_args)
     spec, settings = resolve(profile=profile, **options)
@@ -158,8 +158,8 @@ def cmd_plan(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 def cmd_config_show(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     from rich.table import Table
 
-    from .settings import resolve_settings
-    from .slurm import partition_gpus_per_node
+    from ..planner.settings import resolve_settings
+    from ..slurm import partition_gpus_per_node
 
     settings = resolve_settings({}, profile=ns.profile, gpus_probe=partition_gpus_per_node)
     table = Table(title=f"hpc-serve configuration (profile: {settings.profile or 'none'})")
@@ -174,7 +174,7 @@ def cmd_config_show(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 def _client_settings(profile: str | None = None) -> dict[str, Any]:
     """The resolved settings for commands that read deployments (home, login_host, ssh_cmd)."""
-    from .settings import resolve_settings
+    from ..planner.settings import resolve_settings
 
     return resolve_settings({}, profile=profile).values
 
@@ -192,8 +192,8 @@ def _age(seconds: float) -> str:
 
 
 def cmd_submit(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from .api import resolve
-    from .submit import submit
+    from ..api import resolve
+    from ..job.submission import submit
 
     options, profile = _spec_options(ns, vllm_args)
     spec, settings = resolve(profile=profile, **options)
@@ -217,7 +217,7 @@ def _wait(target, home: str | None, timeout_s: float | None, login_host: str | N
         print(f"stopped waiting; deployment {key} keeps running: hpc-serve wait {key} | "
               f"hpc-serve cancel {key}", file=sys.stderr)
         return 130
-    from .registry import Deployment, Registry, registry_root
+    from ..registry import Deployment, Registry, registry_root
 
     dep = target if isinstance(target, Deployment) else Registry(registry_root(home)).deployment(status.id)
     print_connect(dep, login_host)
@@ -250,7 +250,7 @@ def _status_table(rows) -> None:
 
 
 def cmd_status(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from . import client
+    from ..client import control as client
 
     home = _home()
     if ns.id:
@@ -272,7 +272,7 @@ def cmd_endpoint(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     import json
     import shlex
 
-    from . import client
+    from ..client import control as client
 
     data = client.endpoint(ns.id, _home())
     if ns.json:
@@ -290,8 +290,8 @@ def cmd_endpoint(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
     import shlex
 
-    from .registry import Registry, registry_root
-    from .tunnel import Tunnel, close_background, endpoint_target, start_background, tunnel_spec
+    from ..registry import Registry, registry_root
+    from ..client.tunnel import Tunnel, close_background, endpoint_target, start_background, tunnel_spec
 
     settings = _client_settings(ns.profile)
     home = settings["home"]
@@ -335,9 +335,9 @@ def cmd_tunnel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def cmd_smoke(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from . import client
-    from .registry import Registry, registry_root
-    from .smoke import run_checks
+    from ..client import control as client
+    from ..registry import Registry, registry_root
+    from ..client.smoke import run_checks
 
     home = _home()
     data = client.endpoint(ns.id, home)
@@ -367,7 +367,7 @@ def cmd_smoke(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def cmd_logs(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from . import client
+    from ..client import control as client
 
     home = _home()
     lines = client.follow(ns.id, ns.node, home) if ns.follow else client.log_lines(ns.id, ns.node, home)[1]
@@ -377,7 +377,7 @@ def cmd_logs(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def cmd_cancel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from . import client
+    from ..client import control as client
 
     home = _home()
     if ns.all:
@@ -392,7 +392,7 @@ def cmd_cancel(ns: argparse.Namespace, vllm_args: list[str]) -> int:
 
 
 def cmd_demo(ns: argparse.Namespace, vllm_args: list[str]) -> int:
-    from .demo import run_demo
+    from ..demo import run_demo
 
     return run_demo(keep=ns.keep)
 

@@ -9,7 +9,7 @@ import argparse
 import shlex
 from typing import Any
 
-from .spec import DeploymentSpec
+from ..planner.spec import DeploymentSpec
 
 
 def to_node_args(spec: DeploymentSpec) -> list[str]:
@@ -74,6 +74,14 @@ def parse_node_args(argv: list[str]) -> dict[str, Any]:
     values = vars(ns)
     values["vllm_args"] = tuple(values["vllm_args"])
     return values
+
+
+def node_spec(argv: list[str], home: str | None = None) -> DeploymentSpec:
+    """The deployment spec a node agent runs, from its argv (validated like the login side's)."""
+    from ..planner.spec import build_spec
+
+    values = parse_node_args(argv)
+    return build_spec(**{**values, "executor": "local", **({"home": home} if home else {})})
 
 
 def node_command(spec: DeploymentSpec) -> str:

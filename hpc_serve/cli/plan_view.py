@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from .launch import LaunchPlan
+from ..planner.launch import LaunchPlan
 
 
 def show_plan(launch: LaunchPlan, sources: dict[str, str], console) -> None:

@@ -22,9 +22,9 @@ import urllib.error
 import urllib.request
 from collections import deque
 
-from .launch import Process
-from .ports import job_ports
-from .vllm_args import Runtime
+from ..planner.launch import Process
+from ..planner.ports import job_ports
+from ..planner.vllm_args import Runtime
 
 #: /dev/shm files vLLM and torch leave behind when killed (see docs/engine.md).
 SHM_PATTERNS = ("psm_*", "sem.mp-*", "vllm*")

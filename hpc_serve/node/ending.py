@@ -17,9 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
-from .registry import TERMINAL, CorruptRecord, Deployment
+from ..registry import CANCEL, ENDS, TERMINAL, CorruptRecord, Deployment
 
-CANCEL_MARK = "cancel.json"
 #: How long the judging node waits for the others' notes (they come within milliseconds).
 NOTE_WAIT_S = 2.0
 _TIMEOUT_SIGNALS = ("SIGUSR1", "SIGUSR2")
@@ -35,33 +34,18 @@ class Verdict:
 
 def note_signal(dep: Deployment, rank: int, restart: int, signame: str) -> None:
     """Say that this node's agent got ``signame`` (and so is alive and ending in order)."""
-    os.makedirs(dep.file("ends"), mode=0o700, exist_ok=True)
-    dep.write(f"ends/{rank}.json", {"signal": signame, "restart": restart, "at": time.time()})
-
-
-def mark_cancel(dep: Deployment) -> None:
-    """What `hpc-serve cancel` writes before it calls scancel."""
-    dep.write(CANCEL_MARK, {"at": time.time()})
+    os.makedirs(dep.file(ENDS), mode=0o700, exist_ok=True)
+    dep.write(dep.rank_file(ENDS, rank), {"signal": signame, "restart": restart, "at": time.time()})
 
 
 def _noted(dep: Deployment, restart: int) -> set[int]:
     """The ranks whose agent noted a signal in this run."""
-    folder, ranks = dep.file("ends"), set()
-    for name in os.listdir(folder) if os.path.isdir(folder) else ():
-        if not (name.endswith(".json") and name[:-5].isdigit()):
-            continue
-        try:
-            record = dep.read(f"ends/{name}", {}) or {}
-        except CorruptRecord:
-            continue
-        if record.get("restart", 0) == restart:
-            ranks.add(int(name[:-5]))
-    return ranks
+    return {rank for rank, record in dep.rank_records(ENDS).items() if record.get("restart", 0) == restart}
 
 
 def _cancelled_by_user(dep: Deployment, since: float) -> bool:
     try:
-        at = (dep.read(CANCEL_MARK, {}) or {}).get("at")
+        at = (dep.read(CANCEL, {}) or {}).get("at")
         return at is not None and float(at) >= since
     except (CorruptRecord, TypeError, ValueError):
         return False
@@ -70,7 +54,7 @@ def _cancelled_by_user(dep: Deployment, since: float) -> bool:
 def _job_fields(job_id: str) -> dict[str, str]:
     if not job_id.isdigit():
         return {}
-    from .slurm import job_fields
+    from ..slurm import job_fields
 
     return job_fields(job_id, timeout_s=5)
 
@@ -83,7 +67,7 @@ def judge(dep: Deployment, job_id: str, rank: int, restart: int, signame: str,
           since: float, note_wait_s: float = NOTE_WAIT_S) -> Verdict | None:
     """The end ``rank`` should record for this run after ``signame`` (None: not this node's to
     record, or already recorded). ``since``: when this run's agent started."""
-    from .engine import wait_until  # node side only: the CLI imports this module for mark_cancel
+    from .engine import wait_until
     if dep.phase in (*TERMINAL, "RESTARTING"):
         return None
     if rank == 0 and signame in _TIMEOUT_SIGNALS:

@@ -10,7 +10,7 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from .errors import HpcServeError
+from ..errors import HpcServeError
 from .spec import SETTING_KINDS
 
 DEFAULTS: dict[str, Any] = {

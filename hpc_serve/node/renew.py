@@ -16,7 +16,7 @@ import time
 
 from typing import Callable
 
-from .registry import TERMINAL, Deployment, Registry
+from ..registry import TERMINAL, Deployment, Registry
 
 _COPIED_FIELDS = (("Partition", "--partition"), ("Account", "--account"), ("QOS", "--qos"),
                   ("TimeLimit", "--time"), ("JobName", "--job-name"))
@@ -38,7 +38,7 @@ def _run(argv: list[str], **kwargs) -> str:
 
 def submit_successor(dep: Deployment, job_id: str, renew_before_min: int) -> str:
     """Submit, register and release a copy of ``job_id``; return the successor's job id."""
-    from .slurm import job_fields
+    from ..slurm import job_fields
 
     fields = job_fields(job_id)
     if not fields:
@@ -93,7 +93,7 @@ class Renewal:
 
     def start(self) -> None:
         """At READY: plan the successor's submission ``renew_before_min`` before the limit."""
-        from .slurm import time_left
+        from ..slurm import time_left
 
         left = time_left(self.job_id)
         if left is None:

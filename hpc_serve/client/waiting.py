@@ -11,10 +11,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .client import DeploymentStatus, describe
-from .errors import HpcServeError
-from .registry import TERMINAL, Deployment, Registry, registry_root
-from .slurm import queue_position, queue_states
+from .control import DeploymentStatus, describe
+from ..errors import HpcServeError
+from ..registry import TERMINAL, Deployment, Registry, registry_root
+from ..slurm import queue_position, queue_states
 
 QUEUE_POLL_S = 2.0
 

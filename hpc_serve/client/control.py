@@ -12,10 +12,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
-from .errors import HpcServeError
-from .registry import TERMINAL, CorruptRecord, Deployment, Registry, registry_root
-from .ending import mark_cancel
-from .slurm import accounting_states, queue_states, scancel
+from ..errors import HpcServeError
+from ..registry import TERMINAL, CorruptRecord, Deployment, Registry, registry_root
+from ..slurm import accounting_states, queue_states, scancel
 
 
 @dataclass(frozen=True)
@@ -268,7 +267,7 @@ def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> Deployme
                             "Nothing to cancel; 'hpc-serve list' shows the live ones.")
     job = dep.read("job.json", {}) or {}
     job_id = str(job.get("slurm_job_id") or dep.id)
-    mark_cancel(dep)  # before the signal: the agents then know it is the user's cancel
+    dep.mark_cancel()  # before the signal: the agents then know it is the user's cancel
     if job.get("executor") == "local":
         try:
             os.kill(int(job_id), signal.SIGTERM)

@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
-from .errors import HpcServeError
-from .ports import port_open
+from ..errors import HpcServeError
+from ..planner.ports import port_open
 
 #: Seconds to wait for ssh to open the forward (MFA prompts are answered within this).
 CONNECT_TIMEOUT_S = float(os.environ.get("HPC_SERVE_TUNNEL_CONNECT_TIMEOUT", "120"))
@@ -149,7 +149,7 @@ class Tunnel:
 def endpoint_target(dep_path: str) -> Target:
     """The deployment's endpoint as its registry folder records it (or its successor's, once it
     handed over), read on each call."""
-    from .registry import read_json
+    from ..registry import read_json
 
     def current() -> tuple[str, int] | None:
         path = dep_path
@@ -193,7 +193,7 @@ def run_background(spec: TunnelSpec, pid_file: str, log_file: str) -> None:
 def tunnel_spec(key: str, via: str | None, local_port: int | None, control: bool = False,
                 home: str | None = None, ssh_cmd: str = "ssh") -> tuple[TunnelSpec, dict]:
     """The tunnel to READY deployment ``key`` (and its endpoint record)."""
-    from .client import endpoint
+    from .control import endpoint
 
     if not via:
         raise HpcServeError("No login host to tunnel through.",
@@ -216,7 +216,7 @@ def start_background(spec: TunnelSpec, dep_path: str) -> int:
     import sys
 
     pid_file, log_file = _tunnel_files(dep_path, spec.local_port)
-    code = ("import json, sys; from hpc_serve.tunnel import TunnelSpec, run_background; "
+    code = ("import json, sys; from hpc_serve.client.tunnel import TunnelSpec, run_background; "
             "run_background(TunnelSpec(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])")
     fields = {"via": spec.via, "host": spec.host, "port": spec.port, "local_port": spec.local_port,
               "control": spec.control, "ssh_cmd": spec.ssh_cmd}

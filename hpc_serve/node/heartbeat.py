@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Iterable
 
-from .registry import CorruptRecord, Deployment
+from ..registry import CorruptRecord, Deployment
 
 HEARTBEAT_S = 2.0
 SILENT_S = float(os.environ.get("HPC_SERVE_NODE_SILENCE", "10"))

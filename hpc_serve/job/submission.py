@@ -1,7 +1,7 @@
 """Submitting a deployment through submitit: Slurm, or this machine with `--executor local`.
 
-The job runs the same node agent as the sbatch templates (`hpc_serve.node.run_task` calls
-`hpc_serve.node.run`), with the same setup lines (rendered from templates/partials/setup.j2).
+The job runs the same node agent as the sbatch templates (`hpc_serve.node.agent.run_task` calls
+`hpc_serve.node.agent.run`), with the same setup lines (rendered from templates/partials/setup.j2).
 Nothing is recorded in the registry unless Slurm accepted the job.
 """
 
@@ -14,19 +14,19 @@ import re
 import shlex
 import time
 
-from .errors import HpcServeError
-from .launch import make_plan
-from .node_args import to_node_args
-from .registry import Deployment, Registry, registry_root
-from .slurm import which
-from .spec import DeploymentSpec
+from ..errors import HpcServeError
+from ..planner.launch import make_plan
+from ..node.args import to_node_args
+from ..registry import Deployment, Registry, registry_root
+from ..slurm import which
+from ..planner.spec import DeploymentSpec
 
 #: Seconds between the time-limit signal and the kill: the agent stops vLLM and Ray in that time.
 SIGNAL_BEFORE_END_S = 120
 
 
 def _setup_lines(spec: DeploymentSpec, root: str) -> list[str]:
-    from .script import render_template
+    from .sbatch import render_template
 
     text = render_template("partials/setup.j2", spec=spec)
     return [f"export HPC_SERVE_HOME={shlex.quote(root)}", *text.splitlines()]
@@ -119,7 +119,7 @@ def submit(spec: DeploymentSpec) -> Deployment:
     executor = _executor(spec, registry.root)
     lay = spec.layout
     gpus = ",".join(local_gpus(lay.nodes * lay.gpus_per_node)) if spec.executor == "local" else None
-    from .node import run_task
+    from ..node.agent import run_task
 
     asked_at = time.time()
     try:

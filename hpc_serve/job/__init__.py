@@ -1,0 +1,1 @@
+"""One Slurm request, submitted two ways: a rendered sbatch script or a submitit job."""

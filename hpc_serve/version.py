@@ -1,0 +1,3 @@
+"""The version of hpc-serve (read by the build, the CLI and the sbatch header)."""
+
+__version__ = "0.1.0"
