@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shlex
 from functools import lru_cache
 
@@ -11,6 +10,7 @@ from ..version import __version__
 from ..errors import HpcServeError
 from ..node.args import node_command
 from ..planner.spec import DeploymentSpec
+from .request import slurm_request
 
 _PACKAGE = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # hpc_serve/
 #: Where the node agent's package is bound inside a container.
@@ -25,13 +25,6 @@ def templates_dir() -> str:
             return candidate
     raise HpcServeError("hpc-serve's templates are missing from the installation.",
                         "Reinstall hpc-serve (pip install --force-reinstall hpc-serve).")
-
-
-def _directive(value: object) -> str:
-    text = str(value)
-    if not re.match(r"^[^\s'\"\\`$;]+$", text):
-        raise HpcServeError(f"{text!r} cannot go on an #SBATCH line.", "Remove spaces and quotes from it.")
-    return text
 
 
 def _bytecode_cache():
@@ -61,7 +54,6 @@ def _environment():
         autoescape=False,
     )
     env.filters["sh"] = lambda value: shlex.quote(str(value))
-    env.filters["directive"] = _directive
     return env
 
 
@@ -80,6 +72,7 @@ def render_script(spec: DeploymentSpec, sources: dict[str, str] | None = None,
         "job.sbatch.j2",
         spec=spec,
         layout=spec.layout,
+        request=slurm_request(spec),
         version=__version__,
         node_command=node_command(spec),
         container_kind=container_kind,

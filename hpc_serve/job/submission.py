@@ -17,13 +17,10 @@ import time
 from ..errors import HpcServeError
 from ..planner.launch import make_plan
 from ..node.args import to_node_args
-from ..registry import Deployment, Registry, registry_root
+from ..registry import JOB, NODES, PLAN, SPEC, Deployment, Registry, registry_root
 from ..slurm import which
 from ..planner.spec import DeploymentSpec
-
-#: Seconds between the time-limit signal and the kill: the agent stops vLLM and Ray in that time.
-SIGNAL_BEFORE_END_S = 120
-
+from .request import slurm_request
 
 def _setup_lines(spec: DeploymentSpec, root: str) -> list[str]:
     from .sbatch import render_template
@@ -77,18 +74,7 @@ def _executor(spec: DeploymentSpec, root: str):
         raise HpcServeError("sbatch is not on PATH: this machine is not a Slurm login node.",
                             "Run on a login node, or use --executor local to serve on this machine.")
     executor = submitit.SlurmExecutor(folder=folder)
-    lay = spec.layout
-    params = {
-        "job_name": spec.name, "nodes": lay.nodes, "ntasks_per_node": 1,
-        "gpus_per_node": lay.gpus_per_node, "partition": spec.partition, "account": spec.account,
-        "qos": spec.qos, "constraint": spec.constraint, "cpus_per_task": spec.cpus_per_node,
-        "mem": spec.memory, "time": spec.time_minutes, "exclusive": spec.exclusive or None,
-        "setup": _setup_lines(spec, root), "signal_delay_s": SIGNAL_BEFORE_END_S, "wckey": None,
-        # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05): give the step its CPUs
-        "srun_args": ["--kill-on-bad-exit=1"] + ([f"--cpus-per-task={spec.cpus_per_node}"]
-                                                 if spec.cpus_per_node else []),
-        "additional_parameters": {"requeue": True},  # preemption and --max-restarts requeue it
-    }
+    params = {**slurm_request(spec).submitit_parameters(), "setup": _setup_lines(spec, root)}
     executor.update_parameters(**params)
     return executor
 
@@ -133,14 +119,14 @@ def submit(spec: DeploymentSpec) -> Deployment:
                             "Check --partition, --nodes and --gpus-per-node against 'sinfo'.") from None
     job_id = str(job.job_id) if spec.executor == "slurm" else f"local-{job.job_id}"
     dep = registry.deployment(job_id)
-    if os.path.isdir(dep.path) and (dep.read("nodes/0.json", {}) or {}).get("started", 0) < asked_at:
+    if os.path.isdir(dep.path) and (dep.read(dep.rank_file(NODES, 0), {}) or {}).get("started", 0) < asked_at:
         # A folder for a job id Slurm just handed out, with no agent of this job in it, is left
         # from an earlier life of the cluster (job ids restart): keep it, but out of the way.
         os.rename(dep.path, os.path.join(registry.root, "deployments", f".stale-{job_id}-{int(time.time())}"))
     dep.ensure()
-    dep.write("spec.json", spec.to_dict())
-    dep.write("plan.json", make_plan(spec).to_dict())
-    dep.write("job.json", {"job_id": job_id, "slurm_job_id": str(job.job_id), "executor": spec.executor,
+    dep.write(SPEC, spec.to_dict())
+    dep.write(PLAN, make_plan(spec).to_dict())
+    dep.write(JOB, {"job_id": job_id, "slurm_job_id": str(job.job_id), "executor": spec.executor,
                            "name": spec.name, "submitted": time.time(),
                            "submitit_folder": os.path.join(registry.root, "submitit", str(job.job_id))})
     dep.init_phase("PENDING", "submitted")
