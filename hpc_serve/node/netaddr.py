@@ -54,21 +54,6 @@ def interfaces() -> list[Interface]:
     return found
 
 
-def check_network(network: str | None) -> None:
-    """Refuse a ``network`` setting that is neither an interface name nor a CIDR."""
-    if network is None:
-        return
-    if "/" in network:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise HpcServeError(f"--network {network!r} is not a CIDR.",
-                                "Give an interface name (--network ib0) or a CIDR (--network 10.1.0.0/16).") from None
-    elif not network or len(network) > 15 or not all(ch.isalnum() or ch in "._-:" for ch in network):
-        raise HpcServeError(f"--network {network!r} is not an interface name.",
-                            "Give an interface name (--network ib0) or a CIDR (--network 10.1.0.0/16).")
-
-
 def _is_loopback(ip: str) -> bool:
     return ipaddress.ip_address(ip).is_loopback
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ipaddress
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -140,6 +141,21 @@ def parse_env(items: list[str] | tuple[str, ...]) -> tuple[tuple[str, str], ...]
     return tuple(pairs)
 
 
+def check_network(network: str | None) -> None:
+    """Refuse a ``network`` setting that is neither an interface name nor a CIDR."""
+    if network is None:
+        return
+    if "/" in network:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise HpcServeError(f"--network {network!r} is not a CIDR.",
+                                "Give an interface name (--network ib0) or a CIDR (--network 10.1.0.0/16).") from None
+    elif not network or len(network) > 15 or not all(ch.isalnum() or ch in "._-:" for ch in network):
+        raise HpcServeError(f"--network {network!r} is not an interface name.",
+                            "Give an interface name (--network ib0) or a CIDR (--network 10.1.0.0/16).")
+
+
 def _check_directive(option: str, value: str | None) -> None:
     if value is not None and not _DIRECTIVE.match(value):
         raise HpcServeError(
@@ -212,7 +228,6 @@ def build_spec(
     open_metrics: bool = False,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
-    from ..node.netaddr import check_network
     from .vllm_args import check_all2all_backend, check_passthrough  # local: one-way imports
 
     del login_host, ssh_cmd  # client-side settings (tunnel); accepted so that one settings dict fits

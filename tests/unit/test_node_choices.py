@@ -11,7 +11,8 @@ import pytest
 from hpc_serve.node.ending import judge, note_signal
 from hpc_serve.node.engine import cache_env, end_leftovers, marked_processes
 from hpc_serve.errors import HpcServeError
-from hpc_serve.node.netaddr import Interface, check_network, choose_address, interfaces
+from hpc_serve.node.netaddr import Interface, choose_address, interfaces
+from hpc_serve.planner.spec import check_network
 from hpc_serve.registry import Registry
 from hpc_serve.job.submission import local_gpus
 
