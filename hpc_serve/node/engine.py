@@ -121,6 +121,9 @@ class EngineProcess:
             except subprocess.TimeoutExpired:
                 pass
         _signal_all(marked_pids(self.marker), signal.SIGKILL)
+        # a killed process still maps its /dev/shm files until it is gone: the cleanup that
+        # follows spares files in use, so wait (bounded) until none of ours is left
+        wait_until(lambda: not marked_pids(self.marker), 10)
 
 
 def cache_env(cache_dir: str | None, environ: dict[str, str]) -> dict[str, str]:
