@@ -1,7 +1,9 @@
 """Reading and steering deployments from the login node: status, list, logs, cancel.
 
 Status works without Slurm accounting: squeue first (one call for all deployments), the registry's
-phase always, and sacct only for jobs that have left the queue.
+phase always, and sacct only for jobs that have left the queue. Slurm is asked through this
+process's queue watcher (slurm.queue_watcher): at most once per slurm.QUEUE_POLL_S, however often
+status, wait or cancel look, and a Slurm that does not answer reads UNKNOWN, never as an end.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from ..errors import HpcServeError
-from ..registry import TERMINAL, CorruptRecord, Deployment, Registry, registry_root
-from ..slurm import accounting_states, queue_states, scancel
+from ..registry import ENDPOINT, JOB, STATE, TERMINAL, CorruptRecord, Deployment, Registry, registry_root
+from ..slurm import QueueView, queue_watcher, scancel
+
+#: The Slurm state shown while squeue does not answer (the deployment counts as live).
+SLURM_SILENT = "UNKNOWN (Slurm is not answering)"
 
 
 @dataclass(frozen=True)
@@ -58,35 +63,53 @@ def _local_alive(job: dict) -> bool:
         return False
 
 
-def describe(dep: Deployment, queue: dict[str, tuple[str, str]] | None,
-             accounting: dict[str, str] | None = None) -> DeploymentStatus:
+def slurm_jobs(deployments: list[Deployment]) -> list[str]:
+    """The Slurm job ids of ``deployments`` (a local executor's are process ids: left out)."""
+    jobs = []
+    for dep in deployments:
+        try:
+            if dep.job.get("executor") != "local":
+                jobs.append(dep.slurm_job_id)
+        except CorruptRecord:
+            jobs.append(dep.id)
+    return jobs
+
+
+def queue_view(deployments: list[Deployment]) -> QueueView | None:
+    """Slurm's view of the deployments' jobs, from this process's watcher; None without squeue."""
+    return queue_watcher().look(slurm_jobs(deployments))
+
+
+def _slurm_state(job_id: str, view: QueueView | None) -> str:
+    if view is None:
+        return "n/a (no squeue)"
+    if view.error is not None:
+        return SLURM_SILENT
+    entry = view.queued.get(job_id)
+    if entry is None:
+        return view.state(job_id) or "ENDED"
+    if entry.state == "PENDING" and entry.reason not in ("None", ""):
+        return f"PENDING ({entry.reason})"
+    return entry.state
+
+
+def describe(dep: Deployment, view: QueueView | None) -> DeploymentStatus:
     """Status of one deployment; a corrupt record is reported in ``problem``, never raised.
 
-    ``queue`` is squeue's answer for all jobs at once; ``accounting`` is sacct's for those that
-    left the queue (None: ask sacct for this one).
+    ``view`` is Slurm's answer for the jobs (see queue_view); None: squeue is not installed.
     """
     problem = ""
     try:
-        job = dep.read("job.json", {}) or {}
-        spec = dep.read("spec.json", {}) or {}
-        state = dep.state
+        job, spec, state, slurm_job = dep.job, dep.spec, dep.state, dep.slurm_job_id
     except CorruptRecord as exc:
-        job, spec, state, problem = {}, {}, {"phase": "UNKNOWN"}, exc.problem
+        job, spec, state, slurm_job, problem = {}, {}, {"phase": "UNKNOWN"}, dep.id, exc.problem
     phase = state.get("phase", "PENDING")
-    slurm_job = str(job.get("slurm_job_id") or job.get("job_id") or dep.id)
     if job.get("executor") == "local":
         slurm_state = "RUNNING" if _local_alive(job) else "ENDED"
-    elif queue is None:
-        slurm_state = "n/a (no squeue)"
-    elif slurm_job in queue:
-        slurm_state, why = queue[slurm_job]
-        if slurm_state == "PENDING" and why not in ("None", ""):
-            slurm_state = f"PENDING ({why})"
     else:
-        known = accounting if accounting is not None else accounting_states([slurm_job])
-        slurm_state = known.get(slurm_job, "ENDED")
+        slurm_state = _slurm_state(slurm_job, view)
     submitted = job.get("submitted") or state.get("updated") or time.time()
-    endpoint = (dep.read("endpoint.json", {}) or {}).get("url", "") if not problem else ""
+    endpoint = (dep.read(ENDPOINT, {}) or {}).get("url", "") if not problem else ""
     restarts = tuple(entry["reason"].partition("\n")[0] for entry in state.get("history", ())
                      if entry.get("phase") == "RESTARTING")
     return DeploymentStatus(
@@ -110,24 +133,15 @@ def _registry(home: str | None) -> Registry:
 def statuses(home: str | None = None, include_ended: bool = False) -> list[DeploymentStatus]:
     """Every deployment's status (live ones only unless ``include_ended``)."""
     deployments = _registry(home).all()
-    jobs = []
-    for dep in deployments:
-        try:
-            job = dep.read("job.json", {}) or {}
-        except CorruptRecord:
-            job = {}
-        jobs.append(str(job.get("slurm_job_id") or job.get("job_id") or dep.id))
-    queue = queue_states(jobs)
-    accounting = accounting_states([j for j in jobs if queue is not None and j not in queue])
-    rows = [describe(dep, queue, accounting) for dep in deployments]
+    view = queue_view(deployments)
+    rows = [describe(dep, view) for dep in deployments]
     return rows if include_ended else [row for row in rows if row.live or row.problem]
 
 
 def status(key: str, home: str | None = None) -> DeploymentStatus:
     """One deployment's status, by job id or name."""
     dep = _registry(home).find(key)
-    job = dep.read("job.json", {}) or {}
-    return describe(dep, queue_states([str(job.get("slurm_job_id") or dep.id)]))
+    return describe(dep, queue_view([dep]))
 
 
 def serving(registry: Registry, dep: Deployment) -> Deployment:
@@ -135,7 +149,7 @@ def serving(registry: Registry, dep: Deployment) -> Deployment:
     else the successor it handed over to, or its READY predecessor while ``dep`` still loads."""
     for _ in range(1000):
         try:
-            state, job = dep.state, dep.read("job.json", {}) or {}
+            state, job = dep.state, dep.job
         except CorruptRecord:
             return dep
         if state.get("phase") == "READY":
@@ -164,12 +178,12 @@ def endpoint(key: str, home: str | None = None) -> dict:
         raise HpcServeError(f"Deployment {dep.id} is {row.phase}, not READY yet: it has no endpoint.",
                             f"Wait for it: hpc-serve wait {dep.id}")
     try:
-        data = dep.read("endpoint.json", None)
+        data = dep.read(ENDPOINT, None)
     except OSError as exc:
-        raise HpcServeError(f"Cannot read {dep.file('endpoint.json')} ({exc.strerror}).",
+        raise HpcServeError(f"Cannot read {dep.file(ENDPOINT)} ({exc.strerror}).",
                             "Check the registry folder's permissions (it should be yours, 0700).") from None
     if not data:
-        raise HpcServeError(f"Deployment {dep.id} is READY but {dep.file('endpoint.json')} is missing.",
+        raise HpcServeError(f"Deployment {dep.id} is READY but {dep.file(ENDPOINT)} is missing.",
                             f"Node 0 writes it when READY; see hpc-serve logs {dep.id}.")
     return {"id": dep.id, **data}
 
@@ -179,9 +193,8 @@ def log_lines(key: str, node: int = 0, home: str | None = None) -> tuple[str, li
     dep = _registry(home).find(key)
     path = dep.log_path(node)
     if not os.path.exists(path):
-        job = dep.read("job.json", {}) or {}
-        folder = job.get("submitit_folder", "")
-        fallback = os.path.join(folder, f"{job.get('slurm_job_id')}_{node}_log.out") if folder else ""
+        folder = dep.job.get("submitit_folder", "")
+        fallback = os.path.join(folder, f"{dep.slurm_job_id}_{node}_log.out") if folder else ""
         if fallback and os.path.exists(fallback):
             path = fallback
         else:
@@ -233,7 +246,7 @@ def follow(key: str, node: int = 0, home: str | None = None, poll_s: float = 0.5
 def renewal_chain(registry: Registry, dep: Deployment) -> list[Deployment]:
     """``dep`` and the deployments linked to it by --auto-renew (predecessors and successors)."""
     chain, seen = [dep], {dep.id}
-    for link, source in (("predecessor", "job.json"), ("successor", "state.json")):
+    for link, source in (("predecessor", JOB), ("successor", STATE)):
         current = dep
         while True:
             try:
@@ -253,11 +266,17 @@ def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> Deploy
     left the queue."""
     registry = _registry(home)
     dep = registry.find(key)
-    others = [d for d in renewal_chain(registry, dep)[1:] if os.path.isdir(d.path) and status(d.id, home).live]
+    chain = renewal_chain(registry, dep)
+    queue_watcher().watch(slurm_jobs(chain))  # one squeue call answers for the whole chain
+    others = [d for d in chain[1:] if os.path.isdir(d.path) and status(d.id, home).live]
     rows = [_cancel_one(d, home, timeout_s) for d in others]
     if rows and not status(dep.id, home).live:  # it handed over: its successors were what to cancel
         return rows[-1]
     return _cancel_one(dep, home, timeout_s)
+
+
+#: How often cancel reads the registry while it waits for the end (a file: no Slurm call).
+_REGISTRY_POLL_S = 0.1
 
 
 def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> DeploymentStatus:
@@ -265,8 +284,7 @@ def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> Deployme
     if not current.live:
         raise HpcServeError(f"Deployment {dep.id} has already ended ({current.phase}, Slurm: {current.slurm_state}).",
                             "Nothing to cancel; 'hpc-serve list' shows the live ones.")
-    job = dep.read("job.json", {}) or {}
-    job_id = str(job.get("slurm_job_id") or dep.id)
+    job, job_id = dep.job, dep.slurm_job_id
     dep.mark_cancel()  # before the signal: the agents then know it is the user's cancel
     if job.get("executor") == "local":
         try:
@@ -275,22 +293,37 @@ def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> Deployme
             pass
     else:
         scancel(job_id)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        current = status(dep.id, home)
-        if current.slurm_state in ("ENDED", "CANCELLED", "COMPLETED") or current.slurm_state.startswith("n/a"):
-            break
-        time.sleep(0.2)
-    else:
-        raise HpcServeError(f"Job {job_id} is still in the queue {timeout_s:.0f} s after scancel.",
-                            f"Check 'squeue -j {job_id}'; Slurm may be waiting for a node to respond.")
-    if dep.nodes():  # agents ran: give them Slurm's KillWait to record their own end
-        deadline = time.monotonic() + AGENT_GRACE_S
-        while dep.phase not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.1)
+    _await_end(dep, job_id, home, timeout_s)
     if dep.phase not in TERMINAL:  # cancelled before any node ran, or the agent was killed
         dep.set_phase("STOPPED", "cancelled" if not dep.nodes() else "cancelled; the agent did not record its end")
     return status(dep.id, home)
+
+
+def _left_queue(slurm_state: str) -> bool:
+    return slurm_state.split(" ", 1)[0] in _JOB_ENDED or slurm_state.startswith("n/a")
+
+
+def _await_end(dep: Deployment, job_id: str, home: str | None, timeout_s: float) -> None:
+    """Until the job has left the queue (Slurm asked at most once per QUEUE_POLL_S) and its agents
+    have recorded their end (the registry, read every _REGISTRY_POLL_S) or had Slurm's KillWait to."""
+    deadline, left_at = time.monotonic() + timeout_s, None
+    while True:
+        if left_at is None:
+            row = status(dep.id, home)
+            if _left_queue(row.slurm_state):
+                left_at = time.monotonic()
+            elif time.monotonic() > deadline:
+                if row.slurm_state == SLURM_SILENT:
+                    raise HpcServeError(f"Slurm has not answered for {timeout_s:.0f} s after scancel {job_id}: "
+                                        "the job may still be in the queue.",
+                                        f"Check 'squeue -j {job_id}' once Slurm answers; "
+                                        f"hpc-serve status {dep.id}.")
+                raise HpcServeError(f"Job {job_id} is still in the queue {timeout_s:.0f} s after scancel.",
+                                    f"Check 'squeue -j {job_id}'; Slurm may be waiting for a node to respond.")
+        if left_at is not None and (dep.phase in TERMINAL or not dep.nodes()
+                                    or time.monotonic() - left_at > AGENT_GRACE_S):
+            return
+        time.sleep(_REGISTRY_POLL_S)
 
 
 def cancel_all(home: str | None = None) -> list[DeploymentStatus]:

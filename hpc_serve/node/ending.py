@@ -51,12 +51,20 @@ def _cancelled_by_user(dep: Deployment, since: float) -> bool:
         return False
 
 
+#: scontrol's budget when judging an end: two tries of 2.5 s (the agents have Slurm's KillWait).
+_FIELDS_TIMEOUT_S, _FIELDS_ATTEMPTS = 2.5, 2
+
+
 def _job_fields(job_id: str) -> dict[str, str]:
+    """The job's scontrol fields; {} when it is not Slurm's or Slurm does not say in time."""
     if not job_id.isdigit():
         return {}
-    from ..slurm import job_fields
+    from ..slurm import SlurmError, job_fields
 
-    return job_fields(job_id, timeout_s=5)
+    try:
+        return job_fields(job_id, timeout_s=_FIELDS_TIMEOUT_S, attempts=_FIELDS_ATTEMPTS)
+    except SlurmError:
+        return {}
 
 
 REQUEUED = ("requeued by Slurm (preemption, a node failure or scontrol requeue): it serves again "
@@ -67,7 +75,7 @@ def judge(dep: Deployment, job_id: str, rank: int, restart: int, signame: str,
           since: float, note_wait_s: float = NOTE_WAIT_S) -> Verdict | None:
     """The end ``rank`` should record for this run after ``signame`` (None: not this node's to
     record, or already recorded). ``since``: when this run's agent started."""
-    from .engine import wait_until
+    from .polling import wait_until
     if dep.phase in (*TERMINAL, "RESTARTING"):
         return None
     if rank == 0 and signame in _TIMEOUT_SIGNALS:

@@ -1,10 +1,16 @@
-"""The wait's own logic: progress lines, and the failure reason shown from a vLLM log."""
+"""The wait's own logic: progress lines, the failure reason shown from a vLLM log, and waiting
+through a Slurm that does not answer (fake squeue/sacct on PATH, see test_slurm.py)."""
+
+import threading
+import time
 
 import pytest
 
 from hpc_serve.client.control import DeploymentStatus
-from hpc_serve.node.engine import exit_reason, root_error
-from hpc_serve.client.waiting import Progress
+from hpc_serve.node.logs import exit_reason, root_error
+from hpc_serve.client.waiting import Progress, WaitFailed, wait_ready
+
+from .test_slurm import SOCKET_TIMEOUT, bin_dir, calls, fake_tool, registered  # noqa: F401 (bin_dir: a fixture)
 
 
 def status(slurm="RUNNING", phase="LOADING", reason=""):
@@ -68,3 +74,48 @@ def test_a_requeued_deployment_says_it_is_queued_again_and_why_it_waits():
         "RESTARTING: queued again: PENDING (BeginTime) (Slurm holds a requeued job about 2 minutes)"
     running = status("RUNNING", "RESTARTING", "requeued by Slurm (preemption)\nmore")
     assert Progress(running, None, None, 3.0).line() == "RESTARTING: requeued by Slurm (preemption)"
+
+
+def test_a_silent_slurm_is_said_and_the_wait_goes_on():
+    line = Progress(status("UNKNOWN (Slurm is not answering)", "PENDING"), None, None, 3.0, SOCKET_TIMEOUT).line()
+    assert line == (f"PENDING: no node agent has started yet; Slurm is not answering ({SOCKET_TIMEOUT}), "
+                    "still waiting (up to 5 min without an answer)")
+    loading = Progress(status("UNKNOWN (Slurm is not answering)"), None, 9.0, 12.0, "no answer within 10 s").line()
+    assert loading.startswith("LOADING; Slurm is not answering (no answer within 10 s)")
+
+
+def test_a_transient_squeue_failure_does_not_fail_the_wait(bin_dir, tmp_path, monkeypatch):
+    dep = registered(tmp_path, monkeypatch)
+    ready = tmp_path / "ready"
+    fake_tool(bin_dir, "squeue", out="7|RUNNING|None|gpu\n", err=SOCKET_TIMEOUT, fail_until=ready)
+    fake_tool(bin_dir, "sacct", fail_times=99, err="Slurm accounting storage is disabled")
+
+    def agents():  # they serve while squeue still fails: READY, and then Slurm answers again
+        deadline = time.monotonic() + 20
+        while calls(bin_dir, "squeue") < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        dep.set_phase("READY", "serving")
+        ready.touch()
+
+    thread = threading.Thread(target=agents)
+    thread.start()
+    seen = []
+    row = wait_ready("7", on_update=seen.append)
+    thread.join()
+    assert row.phase == "READY" and calls(bin_dir, "sacct") == 0
+    assert any("Slurm is not answering" in progress.line() for progress in seen)
+
+
+def test_the_wait_gives_up_after_slurm_has_been_silent_for_its_patience(bin_dir, tmp_path, monkeypatch):
+    registered(tmp_path, monkeypatch)
+    fake_tool(bin_dir, "squeue", fail_times=999, err=SOCKET_TIMEOUT)
+    with pytest.raises(WaitFailed, match=r"Slurm has not answered for \d+ s \(slurm_load_jobs error: Socket"):
+        wait_ready("7", slurm_patience_s=1.0)
+
+
+def test_the_wait_fails_once_the_job_has_really_left_the_queue(bin_dir, tmp_path, monkeypatch):
+    registered(tmp_path, monkeypatch)
+    fake_tool(bin_dir, "squeue")  # answers: the job is not in the queue
+    fake_tool(bin_dir, "sacct", out="7|FAILED\n")
+    with pytest.raises(WaitFailed, match="Job 7 left the queue before serving"):
+        wait_ready("7", timeout_s=60)
