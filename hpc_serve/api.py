@@ -1,19 +1,46 @@
-"""The typed Python API; the CLI is a thin layer over these functions."""
+"""The typed Python API; the CLI is a thin layer over these functions.
+
+Each function takes the options of planner/options.py as keywords (``nodes=2, tp=8, ...``); its
+signature, as ``inspect.signature`` and ``help()`` show it, is generated from that table. An
+option left out comes from the layers below (defaults < site file < user file < HPC_SERVE_*).
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from .errors import HpcServeError
+from .planner.options import OPTIONS
 from .planner.settings import Settings, resolve_settings
-from .slurm import partition_gpus_per_node
 from .planner.spec import DeploymentSpec, build_spec
+from .slurm import partition_gpus_per_node
 
 if TYPE_CHECKING:
     from .client.handle import DeploymentHandle
     from .planner.launch import LaunchPlan
 
+_F = TypeVar("_F", bound=Callable[..., Any])
 
+
+def _annotation(kind: str, default: Any) -> str:
+    shown = {"list": "list[str]"}.get(kind, kind)
+    return f"{shown} | None" if default is None else shown
+
+
+def _options_signature(function: _F) -> _F:
+    """Give ``function`` (model, /, *, profile, **options) the table's options as its signature."""
+    P = inspect.Parameter
+    shown = inspect.signature(function)
+    params = [P("model", P.POSITIONAL_ONLY, default=None, annotation="str | None"),
+              P("profile", P.KEYWORD_ONLY, default=None, annotation="str | None")]
+    params += [P(o.name, P.KEYWORD_ONLY, default=o.default, annotation=_annotation(o.kind, o.default))
+               for o in OPTIONS if o.name != "model"]
+    function.__signature__ = shown.replace(parameters=params)  # type: ignore[attr-defined]
+    return function
+
+
+@_options_signature
 def resolve(model: str | None = None, /, *, profile: str | None = None,
             **options: Any) -> tuple[DeploymentSpec, Settings]:
     """Settings from every layer, then a validated spec. Options are the config keys."""
@@ -27,6 +54,7 @@ def resolve(model: str | None = None, /, *, profile: str | None = None,
     return build_spec(**settings.values), settings
 
 
+@_options_signature
 def plan(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> LaunchPlan:
     """The launch plan (roles, GPUs, stages, exact argv per node) without submitting anything."""
     from .planner.launch import make_plan
@@ -35,6 +63,7 @@ def plan(model: str | None = None, /, *, profile: str | None = None, **options: 
     return make_plan(spec)
 
 
+@_options_signature
 def render(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> str:
     """The sbatch script for a deployment, as text."""
     from .job.sbatch import render_script
@@ -43,6 +72,7 @@ def render(model: str | None = None, /, *, profile: str | None = None, **options
     return render_script(spec, settings.sources)
 
 
+@_options_signature
 def submit(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> DeploymentHandle:
     """Validate, then submit through submitit; returns the deployment (``wait_ready``, ``openai_client``)."""
     from .client.handle import DeploymentHandle

@@ -51,6 +51,10 @@ class TunnelSpec:
                      "-o", "ControlPersist=10m"]
         return [*argv, self.via]
 
+    def up_line(self, pid: int | None = None) -> str:
+        """The line that says this tunnel is open, where it leads, and through which host."""
+        return f"tunnel up{f' (pid {pid})' if pid else ''}: {self.url} -> {self.host}:{self.port} via {self.via}"
+
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.local_port}/v1"
@@ -180,7 +184,7 @@ def run_background(spec: TunnelSpec, pid_file: str, log_file: str) -> None:
             handle.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {message}\n")
 
     tunnel.open()
-    say(f"tunnel up: {spec.url} -> {spec.host}:{spec.port} via {spec.via}")
+    say(spec.up_line())
     try:
         tunnel.supervise(say, stop=lambda: bool(stopping), target=endpoint_target(os.path.dirname(pid_file)))
     finally:

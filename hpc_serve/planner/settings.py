@@ -11,19 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import HpcServeError
-from .spec import SETTING_KINDS
+from .options import BY_NAME, SETTING_KINDS, defaults
 
-DEFAULTS: dict[str, Any] = {
-    "model": None, "nodes": None, "gpus_per_node": None, "tp": None, "pp": None, "dp": None,
-    "ep": False, "launcher": "auto", "cross_node_tp": False,
-    "all2all_backend": "allgather_reducescatter", "partition": None, "account": None,
-    "qos": None, "time": None, "constraint": None, "exclusive": False, "cpus_per_node": None,
-    "mem": None, "name": "hpc-serve", "env": [], "setup": [], "container": None,
-    "engine_cmd": "vllm serve", "ray_cmd": "ray", "vllm_args": [], "port": None, "executor": "slurm",
-    "home": "~/.hpc-serve", "python": "python3", "login_host": None,
-    "ssh_cmd": "ssh", "api_key": True, "max_restarts": 0, "auto_renew": False, "renew_before": 30,
-    "network": None, "cache_dir": None, "open_metrics": False,
-}
+#: The built-in layer: every option's default (planner/options.py).
+DEFAULTS: dict[str, Any] = defaults()
 FALLBACK_GPUS_PER_NODE = 8
 _RESERVED_ENV = {"HPC_SERVE_SITE_CONFIG", "HPC_SERVE_CONFIG", "HPC_SERVE_PROFILE", "HPC_SERVE_DEBUG"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -135,7 +126,7 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
                 raise HpcServeError(f"{name}={raw!r} is not true or false.", f"Use {name}=1 or {name}=0.")
             values[key] = raw.strip().lower() in _TRUE
         elif kind == "list":
-            values[key] = raw.splitlines() if key == "setup" else shlex.split(raw)
+            values[key] = raw.splitlines() if BY_NAME[key].env_lines else shlex.split(raw)
         else:
             values[key] = raw
     return values
@@ -165,7 +156,8 @@ def resolve_settings(
         raise HpcServeError(f"Unknown profile {profile!r}.",
                             f"Known profiles: {known}. Define it as [profiles.{profile}] in "
                             f"{user_config_path()}.")
-    values, sources = dict(DEFAULTS), {key: "default" for key in DEFAULTS}
+    values = defaults()
+    sources = {key: "default" for key in values}
     layers = [*site_layers, *user_layers, ("environment (HPC_SERVE_*)", _from_env(environ)),
               ("command line", flags)]
     for label, table in layers:

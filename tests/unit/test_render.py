@@ -91,20 +91,36 @@ def test_sbatch_scripts_match_the_templates():
         assert (ROOT / "sbatch" / name).read_text() == text, f"sbatch/{name} drifted: run make sbatch"
 
 
-def test_sbatch_scripts_parse_back_to_their_layout():
-    from hpc_serve.node.args import parse_node_args
+def _node_line_spec(script: str):
+    """The spec the node agent builds from a script's srun line (the model as the script sets it)."""
+    import shlex
 
+    from hpc_serve.node.args import node_spec
+
+    model = shlex.split(script.split("\nMODEL=${MODEL:-")[1].split("}\n")[0])[0]
+    line = script[script.index("-m hpc_serve.node"):].split("\n")[0]
+    return node_spec(shlex.split(line.replace('"$MODEL"', shlex.quote(model)))[2:])
+
+
+def test_sbatch_scripts_parse_back_to_their_layout():
     for path in sorted((ROOT / "sbatch").glob("*.sbatch")):
         text = path.read_text()
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-        line = text[text.index("-m hpc_serve.node"):].split("\n")[0]
-        import shlex
-        words = shlex.split(line.replace('"$MODEL"', "org/m"))[2:]
-        values = parse_node_args(words)
-        spec = build_spec(executor="local", **values)
+        spec = _node_line_spec(text)
         nodes = int(text.split("#SBATCH --nodes=")[1].split("\n")[0])
         gpus = int(text.split("#SBATCH --gpus-per-node=")[1].split("\n")[0])
         assert (spec.layout.nodes, spec.layout.gpus_per_node) == (nodes, gpus), path.name
+        assert f"--job-name={spec.name}\n" in text and f"--time={spec.time}\n" in text, path.name
+
+
+@pytest.mark.parametrize("image", ["docker://vllm/vllm-openai:v0.32.0", "file"])
+def test_the_node_of_a_rendered_script_records_the_login_sides_spec(image, tmp_path):
+    """On the sbatch path the node writes spec.json: it is the spec `render` had, field for field."""
+    if image == "file":
+        image = tmp_path / "vllm.sif"
+        image.write_bytes(b"sif")
+    spec = full_spec(image=str(image))
+    assert _node_line_spec(render_script(spec, {})).to_dict() == spec.to_dict()
 
 
 def test_what_each_node_asks_for_reaches_the_step_and_the_plan():

@@ -152,24 +152,28 @@ def test_to_json_round_trips():
     assert data["layout"]["pp"] == 2 and data["env"] == [["A", "1"]]
 
 
+def _on_the_node(spec):
+    from hpc_serve.node.args import node_spec, to_node_args
+
+    return node_spec(["--model", spec.model, *to_node_args(spec)])
+
+
 def test_api_key_is_on_by_default_and_opting_out_warns_and_reaches_the_agent():
-    from hpc_serve.node.args import parse_node_args, to_node_args
+    from hpc_serve.node.args import to_node_args
 
     on = build_spec(model="org/m", gpus_per_node=1)
     assert on.api_key and "--no-api-key" not in to_node_args(on)
     off = build_spec(model="org/m", gpus_per_node=1, api_key=False)
-    assert any("--no-api-key" in w for w in off.warnings)
-    values = parse_node_args(["--model", "org/m", *to_node_args(off)])
-    assert values["api_key"] is False and build_spec(executor="local", **values).api_key is False
+    assert off.warnings == ("--no-api-key: anyone who can reach the node's address can use this endpoint.",)
+    assert "--no-api-key" in to_node_args(off) and _on_the_node(off).api_key is False
 
 
 def test_max_restarts_is_checked_and_reaches_the_agent():
-    from hpc_serve.node.args import parse_node_args, to_node_args
+    from hpc_serve.node.args import to_node_args
 
     assert "--max-restarts" not in to_node_args(build_spec(model="org/m", gpus_per_node=1))
     two = build_spec(model="org/m", gpus_per_node=1, max_restarts=2)
-    values = parse_node_args(["--model", "org/m", *to_node_args(two)])
-    assert values["max_restarts"] == 2 and build_spec(executor="local", **values).max_restarts == 2
+    assert to_node_args(two)[-2:] == ["--max-restarts", "2"] and _on_the_node(two).max_restarts == 2
     for bad in (-1, 101):
         with pytest.raises(HpcServeError, match="--max-restarts must be between 0 and 100"):
             build_spec(model="org/m", gpus_per_node=1, max_restarts=bad)
@@ -183,13 +187,10 @@ def test_max_restarts_needs_slurm():
 
 
 def test_auto_renew_needs_a_time_limit_longer_than_its_lead_and_reaches_the_agent():
-    from hpc_serve.node.args import parse_node_args, to_node_args
-
     with pytest.raises(HpcServeError, match="--auto-renew needs a time limit"):
         build_spec(model="org/m", gpus_per_node=1, auto_renew=True)
     with pytest.raises(HpcServeError, match="--renew-before 60 must be at least 1 minute and less than"):
         build_spec(model="org/m", gpus_per_node=1, auto_renew=True, time="1:00:00", renew_before=60)
     spec = build_spec(model="org/m", gpus_per_node=1, auto_renew=True, time="4", renew_before=3)
-    values = parse_node_args(["--model", "org/m", *to_node_args(spec)])
-    again = build_spec(executor="local", **values)
-    assert again.auto_renew and again.renew_before == 3 and again.time == "4"
+    again = _on_the_node(spec)
+    assert (again.auto_renew, again.renew_before, again.time) == (True, 3, "4") and again == spec

@@ -1,0 +1,259 @@
+"""The commands of `hpc-serve`: each a thin call into hpc_serve.api or hpc_serve.client, then a view.
+
+Every handler takes the parsed arguments and the vLLM arguments (after ``--``) and returns the
+exit code; errors are HpcServeError, turned into a message and exit code 2 by cli/app.py.
+Imports happen inside the handlers, so that building the parser stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..errors import HpcServeError
+from . import views
+
+Args = argparse.Namespace
+
+
+def _resolve(ns: Args, vllm_args: list[str]):
+    """(spec, settings) from the deployment flags; the flags are the options table's."""
+    from ..api import resolve
+    from .parser import spec_options
+
+    options = spec_options(ns)
+    return resolve(ns.model, profile=ns.profile, **options, vllm_args=vllm_args or None)
+
+
+def _command_line(argv: list[str], vllm_args: list[str]) -> str:
+    import shlex
+
+    words = ["hpc-serve", *argv] + (["--", *vllm_args] if vllm_args else [])
+    return " ".join(shlex.quote(word) for word in words)
+
+
+def _client_settings(profile: str | None = None) -> dict[str, Any]:
+    """The resolved settings for commands that read deployments (home, login_host, ssh_cmd)."""
+    from ..planner.settings import resolve_settings
+
+    return resolve_settings({}, profile=profile).values
+
+
+def cmd_render(ns: Args, vllm_args: list[str]) -> int:
+    from ..job.sbatch import render_script
+
+    spec, settings = _resolve(ns, vllm_args)
+    views.warn(spec.warnings)
+    script = render_script(spec, settings.sources, command=_command_line(ns.argv, vllm_args))
+    if ns.output is None:
+        sys.stdout.write(script)
+        return 0
+    import shlex
+    from pathlib import Path
+
+    try:
+        Path(ns.output).write_text(script)
+    except OSError as exc:
+        raise HpcServeError(f"Cannot write {ns.output}: {exc.strerror}.", "Choose a writable path.") from None
+    print(f"wrote {ns.output}  (submit it with: sbatch {shlex.quote(ns.output)})", file=sys.stderr)
+    return 0
+
+
+def cmd_plan(ns: Args, vllm_args: list[str]) -> int:
+    from ..planner.launch import make_plan
+
+    spec, settings = _resolve(ns, vllm_args)
+    launch = make_plan(spec)
+    if ns.json:
+        import json
+
+        print(json.dumps({**launch.to_dict(), "sources": settings.sources}, indent=2))
+        return 0
+    views.show_plan(launch, settings.sources)
+    views.warn(spec.warnings)
+    return 0
+
+
+def cmd_submit(ns: Args, vllm_args: list[str]) -> int:
+    from ..job.submission import submit
+
+    spec, settings = _resolve(ns, vllm_args)
+    views.warn(spec.warnings)
+    dep = submit(spec)
+    print(f"submitted {dep.id} ({spec.name}): {spec.model} on {spec.layout.nodes} node(s)")
+    print(f"registry: {dep.path}")
+    print(f"follow it with: hpc-serve status {dep.id}   |   hpc-serve logs {dep.id} -f", flush=True)
+    if ns.no_wait:
+        return 0
+    return _wait(dep, None, ns.timeout, settings.values.get("login_host"))
+
+
+def _wait(target, home: str | None, timeout_s: float | None, login_host: str | None) -> int:
+    import socket
+
+    try:
+        status = views.wait_with_view(target, home, timeout_s)
+    except KeyboardInterrupt:
+        key = getattr(target, "id", target)
+        print(f"stopped waiting; deployment {key} keeps running: hpc-serve wait {key} | "
+              f"hpc-serve cancel {key}", file=sys.stderr)
+        return 130
+    from ..registry import Deployment, Registry, registry_root
+
+    dep = target if isinstance(target, Deployment) else Registry(registry_root(home)).deployment(status.id)
+    if dep.endpoint:
+        print("\n".join(views.ready_lines(dep.id, dep.endpoint, login_host or socket.gethostname())))
+    return 0
+
+
+def cmd_wait(ns: Args, vllm_args: list[str]) -> int:
+    settings = _client_settings()
+    return _wait(ns.id, settings["home"], ns.timeout, settings.get("login_host"))
+
+
+def cmd_config_show(ns: Args, vllm_args: list[str]) -> int:
+    from ..planner.settings import resolve_settings
+    from ..slurm import partition_gpus_per_node
+
+    views.show_config(resolve_settings({}, profile=ns.profile, gpus_probe=partition_gpus_per_node), ns.sources)
+    return 0
+
+
+def cmd_status(ns: Args, vllm_args: list[str]) -> int:
+    from ..client import control as client
+
+    home = _client_settings()["home"]
+    if ns.id:
+        rows = [client.status(ns.id, home)]
+    else:
+        rows = client.statuses(home, include_ended=getattr(ns, "all", False))
+    if ns.json:
+        import json
+
+        print(json.dumps([row.to_dict() for row in rows], indent=2))
+    elif not rows:
+        print("no live deployments (hpc-serve list --all shows ended ones)")
+    else:
+        views.status_table(rows)
+    return 0
+
+
+def cmd_endpoint(ns: Args, vllm_args: list[str]) -> int:
+    from ..client import control as client
+
+    data = client.endpoint(ns.id, _client_settings()["home"])
+    if ns.json:
+        import json
+
+        keys = ("id", "url", "model", "served_model", "host", "hostname", "port", "api_key_file")
+        print(json.dumps({key: data.get(key) for key in keys}, indent=2))
+    elif ns.export:
+        print("\n".join(views.export_lines(data["url"], data.get("api_key_file"))))
+    else:
+        print(data["url"])
+    return 0
+
+
+def cmd_tunnel(ns: Args, vllm_args: list[str]) -> int:
+    from ..client.tunnel import Tunnel, close_background, endpoint_target, start_background, tunnel_spec
+    from ..registry import Registry, registry_root
+
+    settings = _client_settings(ns.profile)
+    home = settings["home"]
+    dep = Registry(registry_root(home)).find(ns.id)
+    if ns.close:
+        closed = close_background(dep.path)
+        if not closed:
+            raise HpcServeError(f"Deployment {dep.id} has no background tunnel.",
+                                f"Open one with: hpc-serve tunnel {dep.id} --via LOGIN-HOST --background")
+        print(f"closed the tunnel(s) of {dep.id} on local port(s) {', '.join(map(str, closed))}")
+        return 0
+    spec, data = tunnel_spec(dep.id, ns.via or settings.get("login_host"), ns.local_port, ns.control, home,
+                             settings.get("ssh_cmd") or "ssh")
+    if ns.print:
+        import shlex
+
+        print(shlex.join(spec.argv()))
+        return 0
+    if ns.background:
+        tunnel, pid = None, start_background(spec, dep.path)
+    else:
+        tunnel, pid = Tunnel(spec), None
+        tunnel.open()
+    print(spec.up_line(pid))
+    print("\n".join(views.export_lines(spec.url, data.get("api_key_file"))), flush=True)
+    if tunnel is None:
+        print(f"close it with: hpc-serve tunnel --close {dep.id}")
+        return 0
+    print("Ctrl-C to close; the tunnel reconnects if ssh drops and follows the endpoint if the "
+          "deployment restarts.", file=sys.stderr, flush=True)
+    try:
+        tunnel.supervise(lambda message: print(message, file=sys.stderr, flush=True),
+                         target=endpoint_target(dep.path))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        tunnel.close()
+    print("tunnel closed", file=sys.stderr)
+    return 0
+
+
+def cmd_smoke(ns: Args, vllm_args: list[str]) -> int:
+    from ..client import control as client
+    from ..client.smoke import run_checks
+    from ..registry import Registry, registry_root
+
+    home = _client_settings()["home"]
+    data = client.endpoint(ns.id, home)
+    url = ns.url or data["url"]
+    key = Registry(registry_root(home)).deployment(data["id"]).api_key
+    results = run_checks(url, key, data["served_model"])
+    if ns.json:
+        import json
+        from dataclasses import asdict
+
+        print(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        views.smoke_table(results, f"smoke test of {data['id']} at {url}")
+    print(views.smoke_summary(results), file=sys.stderr)
+    return 1 if any(r.ok is False for r in results) else 0
+
+
+def cmd_logs(ns: Args, vllm_args: list[str]) -> int:
+    from ..client import control as client
+
+    home = _client_settings()["home"]
+    lines = client.follow(ns.id, ns.node, home) if ns.follow else client.log_lines(ns.id, ns.node, home)[1]
+    for line in lines:
+        print(line, flush=ns.follow)
+    return 0
+
+
+def cmd_cancel(ns: Args, vllm_args: list[str]) -> int:
+    from ..client import control as client
+
+    home = _client_settings()["home"]
+    if ns.all:
+        rows = client.cancel_all(home)
+        print(f"cancelled {len(rows)} deployment(s)" + (": " + ", ".join(r.id for r in rows) if rows else ""))
+        return 0
+    if not ns.id:
+        raise HpcServeError("Say which deployment to cancel.", "hpc-serve cancel ID, or --all.")
+    row = client.cancel(ns.id, home)
+    print(f"cancelled {row.id}: {row.phase}, Slurm: {row.slurm_state}")
+    return 0
+
+
+def cmd_demo(ns: Args, vllm_args: list[str]) -> int:
+    from ..demo import run_demo
+
+    return run_demo(keep=ns.keep)
+
+
+#: Each command of cli/parser.py (its ``command``) and the function that runs it.
+HANDLERS = {
+    "render": cmd_render, "plan": cmd_plan, "submit": cmd_submit, "wait": cmd_wait, "status": cmd_status,
+    "list": cmd_status, "endpoint": cmd_endpoint, "tunnel": cmd_tunnel, "smoke": cmd_smoke,
+    "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
+}
