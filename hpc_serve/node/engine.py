@@ -1,77 +1,32 @@
-"""Running the engine on a node: runtime values, port checks, process groups, readiness probes.
+"""The processes a node agent starts, and the ones dead agents left: start, stop, find, end.
 
 Stdlib only (runs inside the allocation). Every process is started in its own session so that
 the agent can end it and all its children on every path, whatever Slurm's process tracking is,
 and with a parent-death signal, so that it ends with its agent even when the agent is killed.
+Each carries a marker (deployment and rank) in its environment, which every descendant
+inherits: what left the process group is found by it, and so is what an agent killed with
+SIGKILL left behind (the next agent on the node ends that). This module's one job is processes;
+what goes in their environment is hpc_serve.node.environment's.
 """
 
 from __future__ import annotations
 
 import ctypes
-import glob
-import json
 import os
-import re
-import shutil
 import signal
-import socket
-import stat
 import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections import deque
+from typing import Callable
 
 from ..planner.launch import Process
-from ..planner.ports import job_ports
-from ..planner.vllm_args import Runtime
+from .environment import cache_env
+from .polling import wait_until
 
-#: /dev/shm files vLLM and torch leave behind when killed (see docs/engine.md).
-SHM_PATTERNS = ("psm_*", "sem.mp-*", "vllm*")
 #: The environment variable that marks every process a node agent starts.
 MARKER = "HPC_SERVE_PROCESS"
 #: The signal an engine's process leader gets when its agent dies (vLLM and Ray then stop their
 #: own children, as on a cancel).
 PARENT_DEATH_SIGNAL = signal.SIGTERM
 _PR_SET_PDEATHSIG = 1
-
-
-def job_number(job_id: str) -> int:
-    digits = "".join(ch for ch in job_id if ch.isdigit())
-    return int(digits) if digits else 0
-
-
-def make_runtime(job_id: str, node_ip: str, head_ip: str, api_port: int | None) -> Runtime:
-    """Real addresses, every port (derived from the job id) and a short per-job temp dir."""
-    return Runtime.for_job(job_ports(job_number(job_id), api_port), node_ip, head_ip, f"/tmp/hs-{job_id}")
-
-
-def private_dir(path: str) -> str:
-    """Make ``path`` this user's own 0700 folder, or refuse one that is not: its name is
-    predictable (the job id), and another user who made it first could swap what the engine
-    loads from it. RuntimeError says why."""
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
-        raise RuntimeError(f"{path} exists and is not this user's private folder (owner uid {info.st_uid}, "
-                           f"mode {stat.filemode(info.st_mode)}): remove it, or ask the node's admin to")
-    return path
-
-
-def busy_ports(ip: str, ports: list[int]) -> list[int]:
-    """The ports of ``ports`` that cannot be bound on ``ip`` right now."""
-    busy = []
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((ip, port))
-            except OSError:
-                busy.append(port)
-    return busy
 
 
 class EngineProcess:
@@ -86,7 +41,8 @@ class EngineProcess:
         self.popen: subprocess.Popen | None = None
 
     def start(self, cache_dir: str | None = None) -> None:
-        """Start it; ``cache_dir`` is the compile cache setting (see :func:`cache_env`)."""
+        """Start it; ``cache_dir`` is the compile cache setting (see :func:`cache_env`).
+        RuntimeError when it cannot be started."""
         os.makedirs(os.path.join(self.tmp_dir, "tmp"), mode=0o700, exist_ok=True)
         env = {**os.environ, **dict(self.process.env)}
         env.update(cache_env(cache_dir, env))
@@ -104,6 +60,7 @@ class EngineProcess:
 
     @property
     def exit_code(self) -> int | None:
+        """Its exit code once it has ended, else None."""
         return None if self.popen is None else self.popen.poll()
 
     def stop(self, grace_s: float = 3.0) -> None:
@@ -126,23 +83,7 @@ class EngineProcess:
         wait_until(lambda: not marked_pids(self.marker), 10)
 
 
-def cache_env(cache_dir: str | None, environ: dict[str, str]) -> dict[str, str]:
-    """Where vLLM's compile cache and torch's inductor cache go: one folder per user, shared by
-    deployments and kept between jobs, so that the next start of a model skips torch.compile.
-
-    ``cache_dir`` (the ``cache_dir`` setting) wins; else the user's own ``VLLM_CACHE_ROOT``; else
-    vLLM's default (``~/.cache/vllm``). ``TORCHINDUCTOR_CACHE_DIR`` follows it unless the user
-    set one (torch's default lies under TMPDIR, which is per job)."""
-    root = os.path.expanduser(cache_dir or environ.get("VLLM_CACHE_ROOT") or
-                              os.path.join(environ.get("XDG_CACHE_HOME") or
-                                           os.path.join(os.path.expanduser("~"), ".cache"), "vllm"))
-    inductor = environ.get("TORCHINDUCTOR_CACHE_DIR") or os.path.join(root, "inductor")
-    for folder in (root, inductor):
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-    return {"VLLM_CACHE_ROOT": root, "TORCHINDUCTOR_CACHE_DIR": inductor}
-
-
-def _parent_death_hook():
+def _parent_death_hook() -> Callable[[], object] | None:
     """A function for the child to run before exec: it gets PARENT_DEATH_SIGNAL when the agent
     (the thread that started it) dies. None where prctl is missing (not Linux): there the next
     agent's sweep ends what a dead agent left. libc is looked up here, not after the fork."""
@@ -154,23 +95,31 @@ def _parent_death_hook():
     return lambda: prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
 
 
+def own_pids() -> list[int]:
+    """This user's processes, this one excepted."""
+    pids = []
+    for name in os.listdir("/proc"):
+        try:
+            if name.isdigit() and int(name) != os.getpid() and os.stat(f"/proc/{name}").st_uid == os.getuid():
+                pids.append(int(name))
+        except OSError:
+            continue
+    return pids
+
+
 def marked_processes(prefix: str = "") -> dict[int, str]:
     """{pid: marker} of this user's processes whose marker starts with ``prefix``."""
     needle = f"\0{MARKER}={prefix}".encode()
     found: dict[int, str] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
+    for pid in own_pids():
         try:
-            if os.stat(f"/proc/{name}").st_uid != os.getuid():
-                continue
-            with open(f"/proc/{name}/environ", "rb") as handle:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
                 environ = b"\0" + handle.read()
         except OSError:
             continue
         at = environ.find(needle)
         if at >= 0:
-            found[int(name)] = environ[at + len(MARKER) + 2:].split(b"\0", 1)[0].decode(errors="replace")
+            found[pid] = environ[at + len(MARKER) + 2:].split(b"\0", 1)[0].decode(errors="replace")
     return found
 
 
@@ -206,6 +155,13 @@ def _signal_all(pids: list[int], signum: int) -> None:
             pass
 
 
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _job_gone(job: str, live_jobs: set[str] | None) -> bool:
     """Whether job ``job`` has ended; a local job id names its controller's pid."""
     if job.isdigit():
@@ -222,168 +178,3 @@ def _alive(pid: int) -> bool:
             return handle.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
-
-
-def shm_files() -> set[str]:
-    """/dev/shm files of the kinds vLLM and torch leave behind."""
-    return {path for pattern in SHM_PATTERNS for path in glob.glob(os.path.join("/dev/shm", pattern))}
-
-
-def shm_in_use(pids: list[int]) -> set[str]:
-    """The /dev/shm files that processes ``pids`` have open or mapped."""
-    found: set[str] = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-                found |= {line.split(None, 5)[5].strip() for line in maps
-                          if "/dev/shm/" in line and len(line.split(None, 5)) == 6}
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith("/dev/shm/"):
-                    found.add(target)
-        except OSError:
-            continue
-    return {path.removesuffix(" (deleted)") for path in found}
-
-
-def clean_node(tmp_dir: str, shm_before: set[str]) -> None:
-    """Remove the deployment's temp dir and the /dev/shm files our processes left: new since the
-    start and in use by no process of this user now (a neighbouring deployment of the same user
-    keeps the files its processes hold)."""
-    left = shm_files() - shm_before
-    busy = shm_in_use(_own_pids()) if left else set()
-    for path in left - busy:
-        try:
-            if os.stat(path).st_uid == os.getuid():
-                os.unlink(path)
-        except OSError:
-            pass
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _own_pids() -> list[int]:
-    """This user's processes, this one excepted."""
-    pids = []
-    for name in os.listdir("/proc"):
-        try:
-            if name.isdigit() and int(name) != os.getpid() and os.stat(f"/proc/{name}").st_uid == os.getuid():
-                pids.append(int(name))
-        except OSError:
-            continue
-    return pids
-
-
-def sweep_stale_tmp(live_jobs: set[str], root: str = "/tmp") -> list[str]:
-    """Remove ``hs-<job>`` temp dirs of ours whose Slurm job is not live on this node any more (an
-    agent killed with SIGKILL cannot clean up after itself); return what was removed."""
-    removed = []
-    for name in sorted(os.listdir(root)):
-        job = name[3:]
-        path = os.path.join(root, name)
-        if not name.startswith("hs-") or not job.isdigit() or job in live_jobs:
-            continue
-        try:
-            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
-                continue
-        except OSError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _signal_group(pid: int, signum: int) -> None:
-    try:
-        os.killpg(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def tail(path: str, lines: int = 12) -> str:
-    """The last ``lines`` lines of a log, joined, for failure reasons."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return "\n".join(line.rstrip() for line in deque(handle, maxlen=lines))
-    except OSError:
-        return "(no log)"
-
-
-_LOG_PREFIX = re.compile(r"^\([^)]*\)\s+[A-Z]+\s+\S+\s+\S+\s+\[[^\]]*\]\s?")
-_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit): \S.*$")
-
-
-def root_error(path: str, lines: int = 400) -> str | None:
-    """The first exception line ("ValueError: ...") among a log's last lines: the root cause."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            recent = deque(handle, maxlen=lines)
-    except OSError:
-        return None
-    for line in recent:
-        text = _LOG_PREFIX.sub("", line.strip())
-        if _EXCEPTION.match(text):
-            return text
-    return None
-
-
-def exit_reason(what: str, where: str, code: int, log_path: str) -> str:
-    """One line naming the process, its exit code and root error; then its last lines."""
-    error = root_error(log_path)
-    head = f"{what} on {where} exited with code {code}" + (f": {error}" if error else "")
-    return f"{head}\nlast lines of its log:\n{tail(log_path, 8)}"
-
-
-def _get(url: str, timeout: float = 1.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, b""
-    except (OSError, ValueError):
-        return 0, b""
-
-
-def serves(base_url: str, model: str, headers: dict[str, str] | None = None) -> bool:
-    """Ready = /health answers 200 and /v1/models lists ``model``."""
-    status, _ = _get(f"{base_url}/health")
-    if status != 200:
-        return False
-    request = urllib.request.Request(f"{base_url}/v1/models", headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=2.0) as response:
-            listed = json.loads(response.read())
-    except (OSError, ValueError):
-        return False
-    return any(entry.get("id") == model for entry in listed.get("data", []))
-
-
-def unguarded(base_url: str, open_metrics: bool = False) -> str | None:
-    """A path that serves without the key ("POST /invocations: 200"), or None when every one
-    asked refuses (401). Checked before an endpoint is published."""
-    probes = [("POST", "/invocations"), ("GET", "/version"), ("POST", "/tokenize")]
-    probes += [] if open_metrics else [("GET", "/metrics")]
-    for method, path in probes:
-        request = urllib.request.Request(f"{base_url}{path}", data=b"{}" if method == "POST" else None,
-                                         headers={"Content-Type": "application/json"}, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=5.0) as response:
-                return f"{method} {path}: {response.status}"
-        except urllib.error.HTTPError as exc:
-            if exc.code != 401:
-                return f"{method} {path}: {exc.code}"
-        except (OSError, ValueError) as exc:
-            return f"{method} {path}: {exc}"
-    return None
-
-
-def wait_until(condition, timeout_s: float, poll_s: float = 0.1, stop=None) -> bool:
-    """Poll ``condition`` until true, ``stop`` is set, or ``timeout_s`` passes."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        if stop is not None and stop.wait(poll_s):
-            return False
-        if stop is None:
-            time.sleep(poll_s)
-    return False

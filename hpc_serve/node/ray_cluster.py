@@ -1,7 +1,9 @@
 """Forming a deployment's Ray cluster: its token, the head's address, and proof that it formed.
 
-Stdlib only (runs inside the allocation). Ray itself is only imported by the probe, a short
-script run with the Python that Ray's own ``ray`` command uses.
+Node 0 writes the token, starts the head, waits for its port, publishes its address and waits
+until Ray reports every node and GPU (naming the ones that did not join); a worker starts as
+soon as the token exists. Stdlib only (runs inside the allocation). Ray itself is only imported
+by the probe, a short script run with the Python that Ray's own ``ray`` command uses.
 """
 
 from __future__ import annotations
@@ -16,6 +18,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..planner.ports import port_open
+from ..registry import RAY, RAY_TOKEN, TERMINAL
+from .logs import exit_reason
+from .polling import wait_until
+
+if TYPE_CHECKING:
+    from .context import NodeRun
+    from .engine import EngineProcess
 
 #: Reports the live Ray nodes as JSON lines ({"ip": gpus, ...}) whenever they change, until killed.
 PROBE = r"""
@@ -118,8 +130,9 @@ class ClusterProbe:
         self.popen.wait()
 
 
-def wait_formed(probe: ClusterProbe, want: dict[str, int], timeout_s: float, on_change,
-                alive, stop: threading.Event) -> Formation:
+def wait_formed(probe: ClusterProbe, want: dict[str, int], timeout_s: float,
+                on_change: Callable[[Formation], None], alive: Callable[[], bool],
+                stop: threading.Event) -> Formation:
     """Wait until every IP of ``want`` ({ip: gpus}) is alive with its GPUs, or give up: at once
     when Ray reports a node under an address no agent reported (the two disagree on the node's
     address, and waiting would not change that).
@@ -143,3 +156,69 @@ def wait_formed(probe: ClusterProbe, want: dict[str, int], timeout_s: float, on_
         if complete:
             return Formation(seen, True)
     return Formation(seen, False)
+
+
+def deployment_ray_env(run: "NodeRun") -> tuple[tuple[str, str], ...]:
+    """:func:`ray_env` of this deployment: its token file, and the run's join timeout."""
+    return ray_env(run.dep.file(RAY_TOKEN), run.join_timeout_s)
+
+
+def wait_for_ray_token(run: "NodeRun") -> bool:
+    """A worker waits for the deployment's Ray token, which node 0 writes just before it starts
+    the head (False: it never did). The worker then starts at once, alongside the head: its
+    `ray start` waits for the head's GCS itself (up to RAY_gcs_server_port_wait_time_s)."""
+    dep = run.dep
+    return wait_until(lambda: dep.read_secret(RAY_TOKEN) != "" or dep.phase in TERMINAL,
+                      run.join_timeout_s, stop=run.stop) and dep.read_secret(RAY_TOKEN) != ""
+
+
+def form_ray(run: "NodeRun", head: "EngineProcess") -> str | None:
+    """Node 0, its Ray head started: wait for the head's port, publish it, and wait until every
+    node and GPU joined. Returns why it did not form (None: formed, or a signal ended the wait)."""
+    dep, lay, timeout_s, rt = run.dep, run.spec.layout, run.join_timeout_s, run.runtime
+    assert rt is not None
+    address = f"{rt.node_ip}:{rt.ray_port}"
+    up = wait_until(lambda: head.exit_code is not None or port_open(rt.node_ip, int(rt.ray_port)),
+                    timeout_s, stop=run.stop)
+    if run.stop.is_set():
+        return None
+    if head.exit_code is not None:
+        return exit_reason("the Ray head", "node 0", head.exit_code, dep.log_path(0))
+    if not up:
+        return f"the Ray head did not open {address} within {timeout_s:.0f} s"
+    dep.write(RAY, {"address": address})
+    run.mark("ray_head_up")
+    want_gpus = lay.nodes * lay.gpus_per_node
+    dep.set_phase("STARTING", f"Ray head up at {address}; 1/{lay.nodes} nodes")
+    nodes = run.records()
+    want = {record["ip"]: lay.gpus_per_node for record in nodes.values()}
+
+    def on_change(formation: Formation) -> None:
+        text = formation.describe(lay.nodes, want_gpus)
+        dep.set_phase("STARTING", text)
+        run.log(text)
+
+    env = {**os.environ, **dict(deployment_ray_env(run))}
+    probe = ClusterProbe(ray_python(run.spec.ray_cmd), address, env, dep.log_path(0))
+    try:
+        formation = wait_formed(probe, want, timeout_s, on_change, lambda: head.exit_code is None, run.stop)
+    finally:
+        probe.close()
+    if formation.complete:
+        run.mark("ray_formed")
+        return None
+    if run.stop.is_set():
+        return None
+    if probe.popen.returncode not in (None, -9):
+        return exit_reason("the Ray probe (ray's Python, from --ray-cmd)", "node 0",
+                           probe.popen.returncode, dep.log_path(0))
+    if head.exit_code is not None:
+        return exit_reason("the Ray head", "node 0", head.exit_code, dep.log_path(0))
+    missing = [f"{record['hostname']} ({record['ip']})" for record in nodes.values()
+               if formation.nodes.get(record["ip"], 0) < lay.gpus_per_node]
+    if formation.strangers:
+        return (f"Ray registered node(s) at {', '.join(formation.strangers)}, but the agents reported "
+                f"{', '.join(missing) or 'other addresses'}: the two disagree on the node's address. "
+                "Name the network with --network (an interface such as ib0, or a CIDR).")
+    return (f"Ray did not form within {timeout_s:.0f} s: "
+            f"{formation.describe(lay.nodes, want_gpus)}; missing: {', '.join(missing)}")

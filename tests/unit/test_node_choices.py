@@ -9,7 +9,8 @@ import time
 import pytest
 
 from hpc_serve.node.ending import judge, note_signal
-from hpc_serve.node.engine import cache_env, end_leftovers, marked_processes
+from hpc_serve.node.engine import end_leftovers, marked_processes
+from hpc_serve.node.environment import cache_env
 from hpc_serve.errors import HpcServeError
 from hpc_serve.node.netaddr import Interface, choose_address, interfaces
 from hpc_serve.planner.spec import check_network
@@ -177,7 +178,7 @@ time.sleep(60)
 
 
 def test_the_cleanup_keeps_the_shm_files_a_live_process_still_uses(tmp_path):
-    from hpc_serve.node.engine import clean_node, shm_files, shm_in_use
+    from hpc_serve.node.cleanup import clean_node, shm_files, shm_in_use
 
     tag = f"{os.getpid()}-{time.monotonic_ns()}"
     ours_file, theirs_file = f"/dev/shm/vllm-test-ours-{tag}", f"/dev/shm/vllm-test-theirs-{tag}"
@@ -209,7 +210,7 @@ def test_the_cleanup_keeps_the_shm_files_a_live_process_still_uses(tmp_path):
 
 
 def test_the_job_folder_must_be_this_users_own(tmp_path):
-    from hpc_serve.node.engine import private_dir
+    from hpc_serve.node.cleanup import private_dir
 
     made = private_dir(str(tmp_path / "hs-1"))
     assert os.stat(made).st_mode & 0o777 == 0o700
@@ -225,3 +226,30 @@ def test_the_job_folder_must_be_this_users_own(tmp_path):
         os.chown(tmp_path / "hs-4", 65534, 65534)
         with pytest.raises(RuntimeError, match="owner uid 65534"):
             private_dir(str(tmp_path / "hs-4"))
+
+
+def test_the_sweep_removes_stale_shm_files_nobody_holds_and_keeps_the_rest():
+    from hpc_serve.node.cleanup import STALE_SHM_S, remove_unused_shm, stale_shm_files
+
+    tag = f"{os.getpid()}-{time.monotonic_ns()}"
+    old, held, young = (f"/dev/shm/vllm-test-{kind}-{tag}" for kind in ("old", "held", "young"))
+    holder = subprocess.Popen([sys.executable, "-c", MAPPER, held], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "mapped\n"
+        for path in (old, young):
+            with open(path, "wb") as handle:
+                handle.write(b"x")
+        long_ago = time.time() - STALE_SHM_S - 30
+        for path in (old, held):
+            os.utime(path, (long_ago, long_ago))
+        stale = stale_shm_files()
+        assert {old, held} <= stale and young not in stale
+        removed = remove_unused_shm(stale)
+        assert old in removed and held not in removed
+        assert not os.path.exists(old) and os.path.exists(held) and os.path.exists(young)
+    finally:
+        holder.kill()
+        holder.wait()
+        for path in (old, held, young):
+            if os.path.exists(path):
+                os.unlink(path)

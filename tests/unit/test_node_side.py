@@ -1,10 +1,10 @@
 """Node-side helpers that need no cluster: the temp-dir sweep and the heartbeat watch."""
 
 import threading
-import time
 
-from hpc_serve.node.engine import sweep_stale_tmp
+from hpc_serve.node.cleanup import sweep_stale_tmp
 from hpc_serve.node.heartbeat import Heartbeat
+from hpc_serve.node.polling import wait_until
 from hpc_serve.registry import Registry
 
 
@@ -19,19 +19,45 @@ def test_sweep_removes_only_our_dirs_of_jobs_that_are_not_live(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hs-13", "hs-14", "hs-x", "other"]
 
 
-def test_a_beat_that_stops_moving_is_reported_after_the_silence(tmp_path, monkeypatch):
+class Clock:
+    """The watching node's clock, moved by the test (the watch compares only its own readings)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_beat_that_stops_moving_is_reported_after_the_silence(tmp_path):
     dep = Registry(str(tmp_path)).deployment("7").ensure()
-    stop = threading.Event()
-    watcher = Heartbeat(dep, 0, stop, silent_s=0.5)
+    clock = Clock()
+    watcher = Heartbeat(dep, 0, threading.Event(), silent_s=10, clock=clock)
     dep.write("beats/1.json", {"beat": 1})
-    assert watcher.silent([1, 2]) == []  # rank 2 never beat: not judged
-    watcher._checked_at = -1.0
-    time.sleep(0.6)
-    assert watcher.silent([1]) == [1]
+    assert watcher.silent([1, 2]) == []  # rank 1 first seen; rank 2 never beat: not judged
+    clock.now += 9.5
+    assert watcher.silent([1, 2]) == []  # not silent for 10 s yet
+    clock.now += 1.0
+    assert watcher.silent([1, 2]) == [1]  # 10.5 s without a move
+    clock.now += 0.3
+    assert watcher.silent([1]) == []  # read at most once a second (a shared filesystem): not read
     dep.write("beats/1.json", {"beat": 2})
-    watcher._checked_at = -1.0
+    clock.now += 0.7
+    assert watcher.silent([1]) == []  # it moved: alive again, judged from now on
+    clock.now += 9.5
     assert watcher.silent([1]) == []
-    assert watcher.reason(1, "node2").startswith("node 1 (node2) stopped reporting: no sign of life for 0 s")
+    clock.now += 1.0
+    assert watcher.silent([1]) == [1]
+    assert watcher.reason(1, "node2").startswith("node 1 (node2) stopped reporting: no sign of life for 10 s")
+
+
+def test_the_beat_is_written_at_once_and_ends_with_the_run(tmp_path):
+    dep = Registry(str(tmp_path)).deployment("8").ensure()
+    stop = threading.Event()
+    Heartbeat(dep, 3, stop).start()
+    assert wait_until(lambda: (dep.read("beats/3.json", {}) or {}).get("beat") == 1, 5)
+    stop.set()
+    assert wait_until(lambda: not any(t.name == "heartbeat" for t in threading.enumerate()), 5)
 
 
 def test_slurm_durations():
