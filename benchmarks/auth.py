@@ -33,7 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchmarks.common import write_results  # noqa: E402
 from benchmarks.tunnel import load  # noqa: E402
 from hpc_serve.demo.vllm_env import ensure_vllm_env  # noqa: E402
-from hpc_serve.node.engine import serves  # noqa: E402
+from hpc_serve.node.readiness import serves  # noqa: E402
 from hpc_serve.vllm_auth import MIDDLEWARE, install  # noqa: E402
 
 

@@ -14,7 +14,6 @@ Writes benchmarks/results/faults.{json,md}; docs/reliability.md quotes it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics
@@ -28,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import cancel_all, run_folder, wait_until, write_results  # noqa: E402
 from hpc_serve.demo import localcluster  # noqa: E402
+from hpc_serve.registry import BEATS, CorruptRecord, Deployment  # noqa: E402
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 SCENARIOS = ("engine killed on node 2", "node 2 frozen", "node 1 (node 0's) frozen",
@@ -35,18 +35,16 @@ SCENARIOS = ("engine killed on node 2", "node 2 frozen", "node 1 (node 0's) froz
              "hpc-serve cancel", "plain scancel", "scontrol requeue")
 
 
-def state(folder: Path) -> dict:
+def state(dep: Deployment) -> dict:
     try:
-        return json.loads((folder / "state.json").read_text())
-    except (FileNotFoundError, ValueError):
+        return dep.state
+    except CorruptRecord:
         return {}
 
 
-def beats(folder: Path, rank: int) -> int:
-    try:
-        return json.loads((folder / "beats" / f"{rank}.json").read_text()).get("beat", 0)
-    except (FileNotFoundError, ValueError):
-        return 0
+def beats(dep: Deployment, rank: int) -> int:
+    """Node ``rank``'s heartbeat counter (0 before its first beat)."""
+    return dep.rank_records(BEATS).get(rank, {}).get("beat", 0)
 
 
 def squeue(env: dict, job: str) -> str:
@@ -77,14 +75,15 @@ def one_run(scenario: str, cluster, home: Path, env: dict) -> dict:
                            "--tp", "8", "--pp", "2", "--launcher", "mp", "--engine-cmd", stand_in],
                           env={**env, "HPC_SERVE_HOME": str(home)}, capture_output=True, text=True, check=True)
     job = done.stdout.split()[1]
-    folder = home / "deployments" / job
-    wait_until(lambda: state(folder).get("phase") == "LOADING", 60, "both nodes to start")
-    wait_until(lambda: all(beats(folder, rank) >= 3 for rank in (0, 1)), 30, "a few heartbeats of each node")
-    nodes = {json.loads((folder / "nodes" / f"{r}.json").read_text())["hostname"]: r for r in (0, 1)}
-    by_rank = {rank: node for node, rank in nodes.items()}
+    dep = Deployment(str(home), job)
+    wait_until(lambda: state(dep).get("phase") == "LOADING", 60, "both nodes to start")
+    # the agents are running: each one's heartbeat counter has moved a few times
+    wait_until(lambda: all(beats(dep, rank) >= 3 for rank in (0, 1)), 30, "a few heartbeats of each node")
+    records = dep.nodes()
+    by_rank = {rank: records[rank]["hostname"] for rank in (0, 1)}
+    agents = {rank: records[rank]["pid"] for rank in (0, 1)}
     frozen = None
     at = time.time()
-    agents = {r: json.loads((folder / "nodes" / f"{r}.json").read_text())["pid"] for r in (0, 1)}
     if scenario == "engine killed on node 2":
         signal_namespace(cluster, by_rank[1], signal.SIGKILL, only_marked=f"{job}/1")
     elif scenario.startswith("agent killed"):
@@ -103,7 +102,7 @@ def one_run(scenario: str, cluster, home: Path, env: dict) -> dict:
     if frozen:
         signal_namespace(cluster, frozen, signal.SIGSTOP)
     try:
-        ended = wait_until(lambda: state(folder) if state(folder).get("phase") in
+        ended = wait_until(lambda: state(dep) if state(dep).get("phase") in
                            ("FAILED", "STOPPED", "RESTARTING") else None, 60, f"{scenario} to be recorded")
         slurm_saw = squeue(env, job) or "left the queue"
         slurm_node = node_state(env, frozen) if frozen else ""

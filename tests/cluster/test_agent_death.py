@@ -12,8 +12,8 @@ import pytest
 
 from hpc_serve.demo import localcluster
 
-from .helpers import deployment_dir, job_processes, read_state, run_cli, squeue_ids, wait_for
-from .test_restarts import phase_is, release, submitted
+from .helpers import deployment_dir, job_processes, phase_is, read_state, run_cli, squeue_ids, wait_for
+from .test_restarts import release, submitted
 
 pytestmark = pytest.mark.cluster
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from .helpers import (HPC_SERVE, deployment_dir, job_processes, read_state, run_cli, squeue_ids,
-                      wait_for)
+from .helpers import (HPC_SERVE, StreamLines, deployment, holds_for, job_processes, phase_is, queue_state,
+                      read_state, run_cli, squeue_ids, wait_for)
 
 pytestmark = pytest.mark.cluster
 CRASHING_ENGINE = (f"{sys.executable} -c 'import sys, time; time.sleep(1); "
@@ -28,19 +28,14 @@ def slurm(cluster, *argv: str) -> str:
     return subprocess.run(list(argv), env=cluster.env, capture_output=True, text=True, check=True).stdout
 
 
-def queue_state(cluster, job_id: str) -> str:
-    return slurm(cluster, "squeue", "--noheader", "--jobs", job_id, "--format=%T %r").strip()
-
-
-def phase_is(home, job_id: str, *phases: str):
-    return lambda: read_state(home, job_id) if read_state(home, job_id).get("phase") in phases else None
-
-
 def release(cluster, job_id: str, *more: str) -> None:
     """Skip Slurm's hold on a requeued job (what a user in a hurry does too). Not at once: a
     slurmd refuses credentials issued in the second it revoked the earlier run's ("Job credential
     revoked"), and Slurm then ends the job."""
     wait_for(lambda: queue_state(cluster, job_id).startswith("PENDING"), 30, "the job to be queued again")
+    # A sleep that is the rule itself, not a wait for a state: slurmd compares whole seconds, and
+    # nothing Slurm shows says when it revoked the earlier run's credential; two seconds after the
+    # job is seen queued again, that second has passed.
     time.sleep(2)
     slurm(cluster, "scontrol", "update", f"JobId={job_id}", "StartTime=now", *more)
 
@@ -74,9 +69,11 @@ def test_scontrol_requeue_brings_the_deployment_back_on_other_nodes(cluster, hom
     job_id = submitted("--nodes", "2", "--gpus-per-node", "8", "--tp", "8", "--pp", "2",
                        "--launcher", "mp")
     wait_for(phase_is(home, job_id, "LOADING"), 60, "both nodes to start the engine")
-    waiter = subprocess.Popen([*HPC_SERVE, "wait", job_id], text=True, stdout=subprocess.PIPE,
+    waiter = subprocess.Popen([*HPC_SERVE, "wait", job_id], text=True, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
-    assert "LOADING" in waiter.stderr.readline()
+    shown = StreamLines(waiter.stderr)
+    wait_for(lambda: shown.lines, 30, "the wait's first line")
+    assert "LOADING" in shown.lines[0], shown.lines
     slurm(cluster, "scontrol", "requeue", job_id)  # what preemption with PreemptMode=REQUEUE does
     state = wait_for(phase_is(home, job_id, "RESTARTING"), 30, "the agent to see the requeue")
     assert state["reason"].startswith("requeued by Slurm"), state["reason"]
@@ -84,21 +81,18 @@ def test_scontrol_requeue_brings_the_deployment_back_on_other_nodes(cluster, hom
     release(cluster, job_id, "ExcNodeList=node1,node2")  # the nodes it had are gone, say
     state = wait_for(phase_is(home, job_id, "LOADING"), 60, "the second run to start the engine")
     assert state["restart"] == 1
-    records = [read_json(deployment_dir(home, job_id) / "nodes" / f"{rank}.json") for rank in (0, 1)]
-    assert sorted(r["hostname"] for r in records) == ["node3", "node4"]
-    assert all(r["restart"] == 1 for r in records)
-    time.sleep(1)
-    assert waiter.poll() is None, waiter.communicate()  # a requeue does not end a wait
+    records = deployment(home, job_id).nodes()
+    assert sorted(records) == [0, 1], records
+    assert sorted(r["hostname"] for r in records.values()) == ["node3", "node4"]
+    assert all(r["restart"] == 1 for r in records.values())
+    # a requeue does not end a wait: it has shown the second run loading, and goes on
+    shown.wait_for_line("LOADING", 30, after=shown.wait_for_line("RESTARTING", 30))
+    holds_for(lambda: waiter.poll() is None, 1, "the wait going on after the requeue")
     assert run_cli("cancel", job_id).returncode == 0  # a cancel is not mistaken for a requeue
-    out, err = waiter.communicate(timeout=60)
+    waiter.wait(timeout=60)
+    err = shown.text()
     assert waiter.returncode == 1, err
     assert "RESTARTING: requeued by Slurm" in err
     assert "RESTARTING: queued again: PENDING (BeginTime) (Slurm holds a requeued job about 2 minutes)" in err
     assert f"Deployment {job_id} ended STOPPED: cancelled (hpc-serve cancel)" in err
     assert read_state(home, job_id)["phase"] == "STOPPED"
-
-
-def read_json(path):
-    import json
-
-    return json.loads(path.read_text())

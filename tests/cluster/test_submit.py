@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from hpc_serve.demo import localcluster
+from hpc_serve.registry import API_KEY, NODES, STATE, TERMINAL
 
-from .helpers import (all_nodes_reported, deployment_dir, job_processes, read_state, run_cli,
-                       squeue_ids, wait_for)
+from .helpers import (all_nodes_reported, allocated_nodes, deployment, deployment_dir, job_processes,
+                      phase_is, read_state, run_cli, squeue_ids, wait_for)
 
 pytestmark = pytest.mark.cluster
 
@@ -28,10 +29,11 @@ def submitted_id(done: subprocess.CompletedProcess) -> str:
 
 
 def check_nodes(home: Path, job_id: str, cluster, count: int) -> None:
-    records = [json.loads((deployment_dir(home, job_id) / "nodes" / f"{r}.json").read_text())
-               for r in range(count)]
-    assert sorted(r["hostname"] for r in records) == cluster.nodes[:count] or \
-        len({r["hostname"] for r in records}) == count
+    nodes = deployment(home, job_id).nodes()
+    assert sorted(nodes) == list(range(count)), nodes
+    records = [nodes[rank] for rank in range(count)]
+    # one agent on each node Slurm gave the job, and on no other
+    assert sorted(r["hostname"] for r in records) == sorted(allocated_nodes(cluster, job_id)), records
     assert len({r["ip"] for r in records}) == count
     assert all(r["ip"] == cluster.node_ip(r["hostname"]) for r in records)
     assert [r["slurm_node_id"] for r in records] == [str(r) for r in range(count)]
@@ -46,11 +48,12 @@ def cancel_and_check_clean(cluster, home, job_id, via_cli=True):
     else:
         subprocess.run(["scancel", job_id], env=cluster.env, check=True)
     wait_for(lambda: job_id not in squeue_ids(cluster), 30, f"job {job_id} to leave the queue")
-    wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
+    state = wait_for(phase_is(home, job_id, *TERMINAL), 15, lambda: f"an end state ({read_state(home, job_id)})")
     # the agent's own record, not the CLI's fallback, and it tells the two kinds of cancel apart
-    assert read_state(home, job_id)["reason"] == ("cancelled (hpc-serve cancel)" if via_cli else "cancelled (scancel)")
+    reason = "cancelled (hpc-serve cancel)" if via_cli else "cancelled (scancel)"
+    assert (state["phase"], state["reason"]) == ("STOPPED", reason), state
     wait_for(lambda: not any(job_processes(cluster).values()), 15,
-             f"no process of job {job_id} on any node (left: {job_processes(cluster)})")
+             lambda: f"no process of job {job_id} on any node (left: {job_processes(cluster)})")
 
 
 @pytest.mark.parametrize("nodes", [2, 4])
@@ -60,10 +63,10 @@ def test_submit_through_submitit(cluster, home, nodes):
     job_id = submitted_id(done)
     record = scontrol(cluster, job_id)
     assert f"NumNodes={nodes}" in record and "gres:gpu:8" in record and "TimeLimit=00:30:00" in record
-    assert "JobName=sub" in record
+    assert f"JobName=sub{nodes}" in record.split()
     wait_for(lambda: all_nodes_reported(home, job_id, nodes), 60, f"{nodes} nodes to report")
     check_nodes(home, job_id, cluster, nodes)
-    spec = json.loads((deployment_dir(home, job_id) / "spec.json").read_text())
+    spec = deployment(home, job_id).spec
     assert spec["layout"]["pp"] == nodes and spec["model"] == "org/tiny"
     cancel_and_check_clean(cluster, home, job_id)
 
@@ -82,7 +85,7 @@ def test_render_then_plain_sbatch(cluster, home, nodes, tmp_path):
     assert f"NumNodes={nodes}" in scontrol(cluster, job_id)
     wait_for(lambda: all_nodes_reported(home, job_id, nodes), 60, f"{nodes} nodes to report")
     check_nodes(home, job_id, cluster, nodes)
-    job = json.loads((deployment_dir(home, job_id) / "job.json").read_text())
+    job = deployment(home, job_id).job
     assert job["executor"] == "sbatch" and job["job_id"] == job_id
     status = json.loads(run_cli("status", job_id, "--json").stdout)[0]
     assert status["slurm_state"] == "RUNNING" and status["nodes_reported"] == nodes
@@ -166,7 +169,7 @@ def test_corrupt_state_is_reported_not_a_crash(cluster, home):
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the node to report")
     subprocess.run(["scancel", job_id], env=os.environ, check=True)
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
-    (deployment_dir(home, job_id) / "state.json").write_text("{broken")
+    (deployment_dir(home, job_id) / STATE).write_text("{broken")
     done = run_cli("list", "--all", env={"COLUMNS": "250"})
     assert done.returncode == 0 and "corrupt" in done.stdout and "Traceback" not in done.stderr
     rows = json.loads(run_cli("status", job_id, "--json").stdout)
@@ -188,13 +191,15 @@ def test_ten_concurrent_submissions_give_ten_records(cluster, home):
     ids = [submitted_id(done) for done in results]
     assert len(set(ids)) == 10
     for index, job_id in enumerate(ids):
-        job = json.loads((deployment_dir(home, job_id) / "job.json").read_text())
+        job = deployment(home, job_id).job
         assert job["job_id"] == job_id and job["name"] == f"c{index}"
     for job_id in ids:
         wait_for(lambda: all_nodes_reported(home, job_id, 1), 90, f"job {job_id} to report")
     done = run_cli("cancel", "--all")
     assert done.returncode == 0 and "cancelled 10" in done.stdout
     assert squeue_ids(cluster) == []
+    # each recorded by its own agent, not by the CLI's fallback ("cancelled; the agent did not ...")
+    assert {j: read_state(home, j).get("reason") for j in ids} == dict.fromkeys(ids, "cancelled (hpc-serve cancel)")
     assert all(read_state(home, j)["phase"] == "STOPPED" for j in ids)
 
 
@@ -204,7 +209,7 @@ def test_local_executor_runs_the_same_plan_without_slurm(cluster, home):
     job_id = submitted_id(done)
     assert job_id.startswith("local-")
     wait_for(lambda: all_nodes_reported(home, job_id, 2), 60, "both local tasks to report")
-    pid = int(json.loads((deployment_dir(home, job_id) / "job.json").read_text())["slurm_job_id"])
+    pid = int(deployment(home, job_id).slurm_job_id)
     done = run_cli("cancel", job_id)
     assert done.returncode == 0, done.stderr
     wait_for(lambda: read_state(home, job_id).get("phase") == "STOPPED", 15, "phase STOPPED")
@@ -219,15 +224,15 @@ def test_a_stale_folder_for_a_reused_job_id_is_moved_aside(cluster, home):
     assert run_cli("cancel", first).returncode == 0
     reused = str(int(first) + 1)  # Slurm hands out the next id to the next job
     stale = deployment_dir(home, reused)
-    (stale / "nodes").mkdir(parents=True)
-    (stale / "state.json").write_text(json.dumps({"phase": "STOPPED", "reason": "an old life"}))
-    (stale / "nodes" / "0.json").write_text(json.dumps({"rank": 0, "started": 1.0}))
+    (stale / NODES).mkdir(parents=True)
+    (stale / STATE).write_text(json.dumps({"phase": "STOPPED", "reason": "an old life"}))
+    (stale / NODES / "0.json").write_text(json.dumps({"rank": 0, "started": 1.0}))
     job_id = submitted_id(run_cli("submit", "--no-wait", "org/tiny", "--gpus-per-node", "8", "--launcher", "mp"))
     assert job_id == reused
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the new job's node to report")
     assert "an old life" not in json.dumps(read_state(home, job_id))
     kept = list((home / "deployments").glob(f".stale-{reused}-*"))
-    assert len(kept) == 1 and "an old life" in (kept[0] / "state.json").read_text()
+    assert len(kept) == 1 and "an old life" in (kept[0] / STATE).read_text()
     cancel_and_check_clean(cluster, home, job_id)
 
 
@@ -252,7 +257,7 @@ def test_the_api_key_reaches_the_engine_by_environment_only(cluster, home, opt_o
     job_id = submitted_id(done)
     assert ("--no-api-key: anyone who can reach" in done.stderr) == opt_out
     wait_for(lambda: all_nodes_reported(home, job_id, 1), 60, "the engine to start")
-    key_file = deployment_dir(home, job_id) / "api_key"
+    key_file = deployment_dir(home, job_id) / API_KEY
     cmdline, environ = engine_environ(cluster, job_id)
     if opt_out:
         assert not key_file.exists() and b"HPC_SERVE_API_KEY=" not in environ
