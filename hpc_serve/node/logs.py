@@ -2,7 +2,8 @@
 
 One module because both sides are the same file (``logs/node-<rank>.log``, where the engines'
 output goes too): the agent writes timestamped lines; a failure reason names a process's exit
-code, its root error (the first exception line) and its last lines. Stdlib only.
+code, the known error it matches (hpc_serve.node.diagnosis) or else its root error (the first
+exception line), and its last lines. Stdlib only.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import os
 import re
 import time
 from collections import deque
+
+from .diagnosis import diagnose
 
 
 class NodeLog:
@@ -40,14 +43,17 @@ _LOG_PREFIX = re.compile(r"^\([^)]*\)\s+[A-Z]+\s+\S+\s+\S+\s+\[[^\]]*\]\s?")
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit): \S.*$")
 
 
-def root_error(path: str, lines: int = 400) -> str | None:
-    """The first exception line ("ValueError: ...") among a log's last lines: the root cause."""
+def _recent(path: str, lines: int = 400) -> list[str] | None:
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            recent = deque(handle, maxlen=lines)
+            return list(deque(handle, maxlen=lines))
     except OSError:
         return None
-    for line in recent:
+
+
+def root_error(path: str, lines: int = 400) -> str | None:
+    """The first exception line ("ValueError: ...") among a log's last lines: the root cause."""
+    for line in _recent(path, lines) or []:
         text = _LOG_PREFIX.sub("", line.strip())
         if _EXCEPTION.match(text):
             return text
@@ -55,7 +61,10 @@ def root_error(path: str, lines: int = 400) -> str | None:
 
 
 def exit_reason(what: str, where: str, code: int, log_path: str) -> str:
-    """One line naming the process, its exit code and root error; then its last lines."""
+    """One line naming the process, its exit code and, for a known error, what happened and what
+    to change (else its root error); then its root error and its last lines."""
     error = root_error(log_path)
-    head = f"{what} on {where} exited with code {code}" + (f": {error}" if error else "")
-    return f"{head}\nlast lines of its log:\n{tail(log_path, 8)}"
+    known = diagnose(_recent(log_path) or [])
+    head = f"{what} on {where} exited with code {code}" + (f": {known or error}" if known or error else "")
+    root = f"\nroot error: {error}" if known and error else ""
+    return f"{head}{root}\nlast lines of its log:\n{tail(log_path, 8)}"

@@ -161,6 +161,30 @@ def test_engine_failing_while_loading_is_failed_with_its_reason(cluster, home, v
     wait_for(lambda: not any(job_processes(cluster).values()), 20, "no process left")
 
 
+@pytest.mark.parametrize("vllm_args, says", [
+    (["--max-model-len", "100000"],
+     "max_model_len 100000 is more than the model allows (512 tokens: max_position_embeddings in its "
+     "config.json): pass -- --max-model-len 512 or less, or leave it out"),
+    (["--max-model-len", "512", "--kv-cache-memory-bytes", "100000"],
+     "the KV cache cannot hold one request of max_model_len 512"),
+], ids=["max-model-len", "kv-cache"])
+def test_a_known_error_is_failed_with_what_happened_and_what_to_change(cluster, home, vllm_env, vllm_args, says):
+    # no VLLM_CPU_KVCACHE_SPACE here: it would override --kv-cache-memory-bytes
+    done = run_cli("submit", "--no-wait", vllm_env.model, "--gpus-per-node", "1", "--engine-cmd", vllm_env.engine_cmd,
+                   "--", *vllm_args, "--enforce-eager")
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
+    assert state["phase"] == "FAILED", state
+    first = state["reason"].splitlines()[0]
+    assert first.startswith(f"vllm on node 0 (node1) exited with code 1: {says}"), first
+    assert "root error: " in state["reason"] and "last lines of its log:" in state["reason"]
+    shown = run_cli("status", job_id)
+    assert f"FAILED: {first}" in shown.stdout, shown.stdout  # the whole line, on the deployment's row
+    wait_for(lambda: job_id not in squeue_ids(cluster), 30, "the failed job to end")
+    wait_for(lambda: not any(job_processes(cluster).values()), 20, "no process left")
+
+
 def test_every_scenario_argv_parses_with_vllms_own_parser(vllm_env):
     from hpc_serve.planner.launch import make_plan
     from hpc_serve.node.args import parse_node_args

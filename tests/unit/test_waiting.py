@@ -55,9 +55,13 @@ def test_the_root_error_is_the_first_exception_line_without_vllms_prefix(tmp_pat
     log.write_text(VLLM_LOG)
     assert root_error(str(log)) == "ValueError: current platform cpu does not support ray."
     reason = exit_reason("vllm", "node 0 (node1)", 1, str(log))
-    assert reason.splitlines()[0] == ("vllm on node 0 (node1) exited with code 1: "
-                                      "ValueError: current platform cpu does not support ray.")
+    assert reason.splitlines()[:2] == ["vllm on node 0 (node1) exited with code 1: this vLLM build (cpu) "
+                                       "cannot run its workers on Ray: pass --launcher mp",
+                                       "root error: ValueError: current platform cpu does not support ray."]
     assert reason.splitlines()[-1].startswith("RuntimeError: Engine core")
+    log.write_text(VLLM_LOG.replace("current platform cpu does not support ray", "nothing the catalogue knows"))
+    assert exit_reason("vllm", "node 0 (node1)", 1, str(log)).splitlines()[0] == (
+        "vllm on node 0 (node1) exited with code 1: ValueError: nothing the catalogue knows.")
 
 
 def test_a_log_without_an_exception_gives_the_exit_code_alone(tmp_path):
