@@ -142,6 +142,9 @@ def status_table(rows: list[DeploymentStatus]) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths)) + "  " + line[-1])
     if len(rows) == 1 and "\n" in rows[0].reason:
         print("\n" + "\n".join("  " + line for line in rows[0].reason.splitlines()[1:]))
+    if len(rows) == 1 and rows[0].startup:
+        print(f"\nstart-up, {sum(seconds for _, seconds in rows[0].startup):.1f} s to READY:")
+        print("\n".join(f"  {seconds:7.1f} s  {name}" for name, seconds in rows[0].startup))
     if len(rows) == 1 and rows[0].restarts:
         print(f"\nrestarted {len(rows[0].restarts)} time(s):")
         print("\n".join("  " + line for line in rows[0].restarts))

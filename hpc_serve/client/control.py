@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 from ..errors import HpcServeError
@@ -38,13 +38,15 @@ class DeploymentStatus:
     nodes_reported: int
     problem: str = ""
     restarts: tuple[str, ...] = ()  # why each earlier run ended: first lines, oldest first
+    startup: tuple[tuple[str, float], ...] = ()  # (phase, seconds) to READY; `status ID` only
 
     @property
     def live(self) -> bool:
         return self.phase not in TERMINAL and self.slurm_state not in ("ENDED", "GONE")
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "live": self.live}
+        return {**asdict(self), "live": self.live,
+                "startup": [{"phase": name, "seconds": round(seconds, 3)} for name, seconds in self.startup]}
 
 
 def _layout_text(spec: dict) -> str:
@@ -140,8 +142,10 @@ def statuses(home: str | None = None, include_ended: bool = False) -> list[Deplo
 
 def status(key: str, home: str | None = None) -> DeploymentStatus:
     """One deployment's status, by job id or name."""
+    from .startup import startup_phases
+
     dep = _registry(home).find(key)
-    return describe(dep, queue_view([dep]))
+    return replace(describe(dep, queue_view([dep])), startup=startup_phases(dep))
 
 
 def serving(registry: Registry, dep: Deployment) -> Deployment:

@@ -105,6 +105,14 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
                               capture_output=True, text=True).stdout.strip()
     wait_for(lambda: comment() == url, 10, f"the job comment to be the URL (now {comment()!r})")
     assert [h["phase"] for h in state["history"]][-2:] == ["LOADING", "READY"]
+    # where the start-up went: consecutive phases that add up to submission -> READY as recorded
+    startup = json.loads(run_cli("status", job_id, "--json").stdout)[0]["startup"]
+    names = [phase["phase"] for phase in startup]
+    assert names[0] == "queued" and names[-1] == "READY (health and model checks)", names
+    assert {"weights loaded", "API server up"} <= set(names), names
+    recorded = state["history"][-1]["at"] - state["history"][0]["at"]  # READY minus PENDING
+    assert abs(sum(phase["seconds"] for phase in startup) - recorded) < 1.0, (startup, recorded)
+    assert f"start-up, {sum(phase['seconds'] for phase in startup):.1f} s to READY:" in run_cli("status", job_id).stdout
     url = endpoint(job_id)
     assert url.startswith(f"http://{cluster.node_ip('node1')}:") and url.endswith("/v1")
     key = api_key(home, job_id)
