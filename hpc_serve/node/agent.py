@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable, Union
 
 from ..errors import HpcServeError
 from ..planner.launch import Process, make_plan, node_plan
-from ..registry import API_KEY, JOB, NODES, PLAN, RAY_TOKEN, SPEC, TERMINAL, create_json
+from ..registry import API_KEY, JOB, LOGS, NODES, PLAN, RAY_TOKEN, SPEC, TERMINAL, create_json
 from ..planner.spec import DeploymentSpec
 from .args import node_spec
 from .cleanup import clean_node, private_dir, shm_files, sweep_leftovers
@@ -44,11 +44,12 @@ from .engine import EngineProcess
 from .environment import auth_env
 from .heartbeat import Heartbeat
 from .joining import gres_mismatch, head_record, node_address, node_identity, wait_for_nodes
-from .logs import exit_reason
+from .logs import exit_reason, tail
 from .outcome import await_decision, end_failed, fail, failed_nodes, hand_over, record_verdict
 from .publish import publish_endpoint, withdraw_and_record
 from .readiness import serves, unguarded
 from .runtime import busy_ports, make_runtime
+from .stall import OutputWatch, node_logs, stall_reason
 
 if TYPE_CHECKING:
     from .renew import Renewal
@@ -225,14 +226,20 @@ class Agent:
         return self.wait_ready
 
     def wait_ready(self) -> Step | int:
-        """Node 0: watch until vLLM serves (alive, /health 200, /v1/models lists the model)."""
+        """Node 0: watch until vLLM serves (alive, /health 200, /v1/models lists the model); a
+        start-up with no new engine output on any node for --stall-timeout s fails."""
         run = self.run
+        output = OutputWatch(node_logs(run.dep.file(LOGS)), run.spec.stall_timeout)
         while not run.stop.is_set():
             code = self._check()
             if code is not None:
                 return code
             if serves(run.url, run.served_model, run.auth_headers):
                 return self.publish
+            silent = output.silent_s()
+            if silent is not None:
+                last = tail(run.dep.log_path(run.rank), 1)
+                return fail(run, stall_reason(silent, run.spec.stall_timeout, run.where, last))
             run.stop.wait(POLL_LOADING_S)
         return 0
 

@@ -173,6 +173,12 @@ def _check_max_restarts(count: int) -> None:
                             "Give how many times a failed deployment may be requeued, e.g. --max-restarts 2.")
 
 
+def _check_stall_timeout(seconds: int) -> None:
+    if seconds < 0:
+        raise HpcServeError(f"--stall-timeout must be 0 (never) or a number of seconds (got {seconds}).",
+                            "Give how long a start-up may go without new engine output, e.g. --stall-timeout 1800.")
+
+
 def _check_setup(lines: list[str] | tuple[str, ...]) -> None:
     if any("\n" in line for line in lines):
         raise HpcServeError("A --setup line contains a newline.", "Give one --setup per line.")
@@ -242,6 +248,8 @@ OPTIONS: tuple[Option, ...] = (
            _SETUP),
     Option("max_restarts", "int", 0, "requeue a failed deployment up to N times (default 0)", _SETUP,
            check=_check_max_restarts),
+    Option("stall_timeout", "int", 1200, "fail a start-up whose engines print nothing for this many "
+           "seconds (default 1200; 0: never)", _SETUP, check=_check_stall_timeout),
     Option("auto_renew", "bool", False, "before the time limit, start a successor job that takes over "
            "once READY", _SETUP),
     Option("renew_before", "int", 30, "minutes before the limit to submit it (default 30)", _SETUP),

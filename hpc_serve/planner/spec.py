@@ -46,6 +46,7 @@ class DeploymentSpec:
     python: str = "python3"
     api_key: bool = True
     max_restarts: int = 0
+    stall_timeout: int = 1200
     auto_renew: bool = False
     renew_before: int = 30
     network: str | None = None
@@ -131,6 +132,7 @@ def build_spec(
     ssh_cmd: str = "ssh",
     api_key: bool = True,
     max_restarts: int = 0,
+    stall_timeout: int = 1200,
     auto_renew: bool = False,
     renew_before: int = 30,
     network: str | None = None,
