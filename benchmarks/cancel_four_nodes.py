@@ -25,18 +25,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.common import cancel_all, run_folder, wait_until, write_results  # noqa: E402
+from benchmarks.faults import state as phase_record  # noqa: E402
 from hpc_serve.demo import localcluster  # noqa: E402
-from hpc_serve.registry import BEATS, CorruptRecord, Deployment  # noqa: E402
+from hpc_serve.registry import BEATS, Deployment  # noqa: E402
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 AGENT_REASON = "cancelled (hpc-serve cancel)"
-
-
-def phase_record(dep: Deployment) -> dict:
-    try:
-        return dep.state
-    except CorruptRecord:
-        return {}
 
 
 def in_queue(env: dict, job: str) -> bool:

@@ -2,13 +2,7 @@
 
 from hpc_serve.node.stall import OutputWatch, node_logs, stall_reason
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from .test_node_side import Clock
 
 
 def test_output_that_stops_for_the_bound_is_a_stall_and_growth_anywhere_resets_it(tmp_path):
