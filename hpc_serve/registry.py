@@ -2,7 +2,8 @@
 
     <home>/deployments/<job id>/
         spec.json  plan.json  job.json  state.json  nodes/<rank>.json  logs/node-<rank>.log
-        endpoint.json  timings/<rank>.json  beats/<rank>.json  api_key  ray.json  ray_token
+        endpoint.json  timings/<rank>.json  beats/<rank>.json  preflight/<rank>.json
+        api_key  ray.json  ray_token
 
 Folders are 0700 and files 0600 (they will hold API keys). Every write is atomic (temp file,
 fsync, rename) and retried on a stale NFS handle. Stdlib only: the node agent uses it too.
@@ -22,7 +23,7 @@ from .errors import HpcServeError
 #: The files and folders of one deployment's folder (every module names them through these).
 SPEC, PLAN, JOB, STATE, ENDPOINT = "spec.json", "plan.json", "job.json", "state.json", "endpoint.json"
 API_KEY, RAY, RAY_TOKEN, CANCEL = "api_key", "ray.json", "ray_token", "cancel.json"
-NODES, LOGS, TIMINGS, BEATS, ENDS = "nodes", "logs", "timings", "beats", "ends"
+NODES, LOGS, TIMINGS, BEATS, ENDS, PREFLIGHT = "nodes", "logs", "timings", "beats", "ends", "preflight"
 
 PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")
@@ -114,7 +115,7 @@ class Deployment:
         return os.path.join(self.path, *parts)
 
     def ensure(self) -> "Deployment":
-        for sub in ("", NODES, LOGS):
+        for sub in ("", NODES, LOGS, PREFLIGHT):
             _mkdir_private(self.file(sub) if sub else self.path)
         return self
 

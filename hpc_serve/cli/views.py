@@ -145,6 +145,9 @@ def status_table(rows: list[DeploymentStatus]) -> None:
     if len(rows) == 1 and rows[0].startup:
         print(f"\nstart-up, {sum(seconds for _, seconds in rows[0].startup):.1f} s to READY:")
         print("\n".join(f"  {seconds:7.1f} s  {name}" for name, seconds in rows[0].startup))
+    if len(rows) == 1 and rows[0].preflight:
+        print("\npreflight:")
+        print("\n".join(f"  node {node.get('rank')}: {node.get('summary', '?')}" for node in rows[0].preflight))
     if len(rows) == 1 and rows[0].restarts:
         print(f"\nrestarted {len(rows[0].restarts)} time(s):")
         print("\n".join("  " + line for line in rows[0].restarts))

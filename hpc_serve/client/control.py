@@ -39,6 +39,7 @@ class DeploymentStatus:
     problem: str = ""
     restarts: tuple[str, ...] = ()  # why each earlier run ended: first lines, oldest first
     startup: tuple[tuple[str, float], ...] = ()  # (phase, seconds) to READY; `status ID` only
+    preflight: tuple[dict, ...] = ()  # every node's preflight record (hpc_serve.node.preflight); `status ID` only
 
     @property
     def live(self) -> bool:
@@ -46,7 +47,8 @@ class DeploymentStatus:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "live": self.live,
-                "startup": [{"phase": name, "seconds": round(seconds, 3)} for name, seconds in self.startup]}
+                "startup": [{"phase": name, "seconds": round(seconds, 3)} for name, seconds in self.startup],
+                "preflight": list(self.preflight)}
 
 
 def _layout_text(spec: dict) -> str:
@@ -142,10 +144,10 @@ def statuses(home: str | None = None, include_ended: bool = False) -> list[Deplo
 
 def status(key: str, home: str | None = None) -> DeploymentStatus:
     """One deployment's status, by job id or name."""
-    from .startup import startup_phases
+    from .startup import preflight_rows, startup_phases
 
     dep = _registry(home).find(key)
-    return replace(describe(dep, queue_view([dep])), startup=startup_phases(dep))
+    return replace(describe(dep, queue_view([dep])), startup=startup_phases(dep), preflight=preflight_rows(dep))
 
 
 def serving(registry: Registry, dep: Deployment) -> Deployment:

@@ -1,7 +1,8 @@
 """Where a deployment's start-up time went: consecutive phases from submission to READY.
 
 Read after the fact from the registry: when the job was submitted (``job.json``), node 0's marks
-(``timings/0.json``: job start, agent start, Ray formed, engine started, READY) and vLLM's own log
+(``timings/0.json``: job start, agent start, every node reported, preflight, Ray formed,
+engine started, READY) and vLLM's own log
 lines in node 0's log (weights loaded, torch.compile, CUDA graphs, engine initialised, API server
 up). Each phase ends at a milestone and starts where the one before it ended, so the phases add
 up to the whole start-up. Stdlib only.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 
-from ..registry import JOB, TIMINGS, CorruptRecord, Deployment
+from ..registry import JOB, PREFLIGHT, TIMINGS, CorruptRecord, Deployment
 
 #: vLLM's milestones, in the order they come, and the line that says each was reached.
 VLLM_MILESTONES = (
@@ -24,8 +25,8 @@ VLLM_MILESTONES = (
     ("API server up", re.compile(r"Starting vLLM (?:API )?server on")),
 )
 #: node 0's marks that end a phase, and the phase's name.
-MARK_PHASES = (("job_start", "queued"), ("agent_start", "agents started"), ("ray_formed", "Ray formed"),
-               ("vllm_started", "engine launched"))
+MARK_PHASES = (("job_start", "queued"), ("agent_start", "agents started"), ("nodes_reported", "every node reported"),
+               ("preflight_done", "preflight"), ("ray_formed", "Ray formed"), ("vllm_started", "engine launched"))
 _VLLM_TIME = re.compile(r"^(?:\([^)]*\)\s+)?(?:DEBUG|INFO|WARNING|ERROR)\s+(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)\s")
 _ENGINE_STARTED = "node 0: started vllm"
 
@@ -83,3 +84,13 @@ def startup_phases(dep: Deployment) -> tuple[tuple[str, float], ...]:
         phases.append((name, at - before))
         before = at
     return tuple(phases)
+
+
+def preflight_rows(dep: Deployment) -> tuple[dict, ...]:
+    """Every node's preflight record of the deployment's current run, by rank."""
+    try:
+        restart = int(dep.state.get("restart") or 0)
+        records = dep.rank_records(PREFLIGHT)
+    except CorruptRecord:
+        return ()
+    return tuple(record for _, record in sorted(records.items()) if int(record.get("restart") or 0) == restart)

@@ -2,13 +2,15 @@
 
 Stdlib only. One node's run is a small state machine over a context (hpc_serve.node.context):
 
-    start -> gather (node 0) -> prepare -> start Ray -> form Ray (node 0) -> start vLLM
-          -> wait ready (node 0) -> publish (node 0) -> watch;  then always teardown, finish
+    start -> gather (node 0) -> prepare -> preflight -> start Ray -> form Ray (node 0)
+          -> start vLLM -> wait ready (node 0) -> publish (node 0) -> watch;  then always
+          teardown, finish
 
 Each step does one thing and returns the next step, or the run's exit code. Every node records
 who it is; node 0 also writes the deployment's spec, plan and job records and waits until every
 node has reported (hpc_serve.node.joining). prepare makes this node's runtime and computes its
-plan, once. With the mp launcher every node runs its vLLM process; with Ray, node 0 writes the
+plan, once; the preflight checks every node and the network between them, all nodes together,
+before any engine starts (hpc_serve.node.preflight; --no-preflight skips it). With the mp launcher every node runs its vLLM process; with Ray, node 0 writes the
 Ray token, starts the head and waits until every node and GPU joined, the workers start as soon
 as the token exists (hpc_serve.node.ray_cluster). Node 0 marks LOADING, then READY once /health
 answers and /v1/models lists the model, and publishes the endpoint (hpc_serve.node.publish).
@@ -154,6 +156,7 @@ class Agent:
         missing = wait_for_nodes(self.run)
         if missing:
             return end_failed(self.run, f"nodes {missing} never reported within {self.run.join_timeout_s:.0f} s")
+        self.run.mark("nodes_reported")
         return self.prepare
 
     def prepare(self) -> Step | int:
@@ -188,6 +191,28 @@ class Agent:
             from .renew import Renewal
 
             self.renewal = Renewal(run.dep, run.job_id, run.spec.renew_before, run.log)
+        return self.preflight if run.spec.preflight else self.start_ray
+
+    def preflight(self) -> Step | int:
+        """Every node checks itself, then the nodes check the network between them, together;
+        node 0 ends the run with every problem found, before anything loads."""
+        from .preflight import Preflight
+
+        run = self.run
+        if run.is_head:
+            run.dep.set_phase("STARTING", f"preflight on {run.spec.layout.nodes} node(s)")
+        check = Preflight(run)
+        reason = check()
+        if run.stop.is_set():
+            return 0
+        if reason:
+            if run.is_head:
+                return end_failed(run, reason)
+            run.log(reason)
+            return 1  # node 0 reads the same records and ends the run; finish waits for that
+        run.log(f"preflight passed: {check.summary()}")
+        if run.is_head:
+            run.mark("preflight_done")
         return self.start_ray
 
     def start_ray(self) -> Step | int:

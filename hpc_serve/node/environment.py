@@ -1,4 +1,5 @@
-"""What an engine's environment holds beyond its plan: the per-user compile cache and the key.
+"""What an engine's environment holds beyond its plan: the per-user compile cache and the key;
+and which Python a command runs.
 
 The plan (hpc_serve.planner.launch) gives each process the environment that follows from the
 layout; what follows from this user and this node at run time is added here: where vLLM's and
@@ -9,6 +10,9 @@ for it on every path (never in argv). Stdlib only.
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import sys
 
 from ..planner.spec import DeploymentSpec
 
@@ -39,3 +43,22 @@ def auth_env(spec: DeploymentSpec, api_key: str, tmp_dir: str) -> tuple[tuple[st
     path = os.pathsep.join(p for p in (folder, dict(spec.env).get("PYTHONPATH") or os.environ.get("PYTHONPATH")) if p)
     return ((KEY_ENV, api_key), ("PYTHONPATH", path),
             (OPEN_PATHS_ENV, "/metrics" if spec.open_metrics else ""))
+
+
+def command_python(command: str) -> str:
+    """The interpreter behind a command (``ray``, ``vllm serve``, ``python -m ...``): the first
+    word when it is a Python, else the #! line of the command's script, else this interpreter.
+    Ray's probe and the preflight's all-reduce run with it, so they see what the command sees."""
+    words = shlex.split(command)
+    path = shutil.which(words[0]) if words else None
+    if len(words) > 1 and "python" in os.path.basename(words[0]):
+        return words[0]  # "python -m ray..." style commands
+    try:
+        with open(path or "", "rb") as handle:
+            first = handle.readline().decode(errors="replace").strip()
+    except OSError:
+        return sys.executable
+    if first.startswith("#!") and "python" in first:
+        shebang = shlex.split(first[2:])
+        return shebang[-1] if os.path.basename(shebang[0]) == "env" else shebang[0]
+    return sys.executable

@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
-import shlex
-import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -22,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..planner.ports import port_open
 from ..registry import RAY, RAY_TOKEN, TERMINAL
+from .environment import command_python
 from .logs import exit_reason
 from .polling import wait_until
 
@@ -63,23 +61,6 @@ def ray_env(token_path: str, gcs_wait_s: float) -> tuple[tuple[str, str], ...]:
     path, never by value), and how long a worker started alongside the head waits for it."""
     return (("RAY_AUTH_MODE", "token"), ("RAY_AUTH_TOKEN_PATH", token_path),
             ("RAY_USAGE_STATS_ENABLED", "0"), ("RAY_gcs_server_port_wait_time_s", str(int(gcs_wait_s))))
-
-
-def ray_python(ray_cmd: str) -> str:
-    """The interpreter behind the ``ray`` command (its script's #! line), else this one."""
-    words = shlex.split(ray_cmd)
-    path = shutil.which(words[0]) if words else None
-    if len(words) > 1 and "python" in os.path.basename(words[0]):
-        return words[0]  # "python -m ray..." style commands
-    try:
-        with open(path or "", "rb") as handle:
-            first = handle.readline().decode(errors="replace").strip()
-    except OSError:
-        return sys.executable
-    if first.startswith("#!") and "python" in first:
-        shebang = shlex.split(first[2:])
-        return shebang[-1] if os.path.basename(shebang[0]) == "env" else shebang[0]
-    return sys.executable
 
 
 @dataclass
@@ -199,7 +180,7 @@ def form_ray(run: "NodeRun", head: "EngineProcess") -> str | None:
         run.log(text)
 
     env = {**os.environ, **dict(deployment_ray_env(run))}
-    probe = ClusterProbe(ray_python(run.spec.ray_cmd), address, env, dep.log_path(0))
+    probe = ClusterProbe(command_python(run.spec.ray_cmd), address, env, dep.log_path(0))
     try:
         formation = wait_formed(probe, want, timeout_s, on_change, lambda: head.exit_code is None, run.stop)
     finally:

@@ -250,6 +250,8 @@ OPTIONS: tuple[Option, ...] = (
            check=_check_max_restarts),
     Option("stall_timeout", "int", 1200, "fail a start-up whose engines print nothing for this many "
            "seconds (default 1200; 0: never)", _SETUP, check=_check_stall_timeout),
+    Option("preflight", "bool", True, "skip the checks of every node and of the network between them "
+           "before the engine starts", _SETUP),
     Option("auto_renew", "bool", False, "before the time limit, start a successor job that takes over "
            "once READY", _SETUP),
     Option("renew_before", "int", 30, "minutes before the limit to submit it (default 30)", _SETUP),

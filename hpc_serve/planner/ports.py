@@ -5,8 +5,9 @@ All of them lie in 20000-32767: above Ray's default worker ports (10002-19999) a
 fixed defaults (6379, 8265, 10001), below Linux's ephemeral range (32768-60999), where the kernel,
 Ray and vLLM pick ports for themselves.
 
-- 20000-29999: 16 named ports per job (625 slots): the API, vLLM's master and DP RPC ports, and
-  every port `ray start` would otherwise take from Ray's fixed defaults or at random.
+- 20000-29999: 16 named ports per job (625 slots): the API, vLLM's master and DP RPC ports,
+  every port `ray start` would otherwise take from Ray's fixed defaults or at random, and the
+  preflight's all-reduce.
 - 30000-32767: a range of 64 Ray worker ports per job (43 slots), one port per Ray worker process
   (vLLM's GPU actors, its DP engine actors, Ray's IO workers). Ray skips a port of the range that
   something else holds, so an overlap with another job's range only narrows it.
@@ -42,6 +43,7 @@ class Ports:
     ray_runtime_env_agent: int
     ray_autoscaler_metrics: int  # the head's autoscaler monitor (AUTOSCALER_METRIC_PORT)
     ray_dashboard_metrics: int  # the head's dashboard (DASHBOARD_METRIC_PORT)
+    preflight: int  # the head's all-reduce of the preflight (hpc_serve.node.fabric), before any engine
     ray_min_worker: int
     ray_max_worker: int
 
@@ -64,4 +66,5 @@ def job_ports(job_id: int, api_port: int | None = None) -> Ports:
                  ray_metrics_export=base + 7, ray_dashboard_agent_grpc=base + 8,
                  ray_dashboard_agent_http=base + 9, ray_runtime_env_agent=base + 10,
                  ray_autoscaler_metrics=base + 11, ray_dashboard_metrics=base + 12,
+                 preflight=base + 13,
                  ray_min_worker=workers, ray_max_worker=workers + WORKER_PORTS_PER_JOB - 1)

@@ -47,6 +47,7 @@ class DeploymentSpec:
     api_key: bool = True
     max_restarts: int = 0
     stall_timeout: int = 1200
+    preflight: bool = True
     auto_renew: bool = False
     renew_before: int = 30
     network: str | None = None
@@ -133,6 +134,7 @@ def build_spec(
     api_key: bool = True,
     max_restarts: int = 0,
     stall_timeout: int = 1200,
+    preflight: bool = True,
     auto_renew: bool = False,
     renew_before: int = 30,
     network: str | None = None,

@@ -40,6 +40,7 @@ class Runtime:
     ray_dashboard_metrics_port: str = "<ray-dashboard-metrics-port>"
     ray_min_worker_port: str = "<ray-min-worker-port>"
     ray_max_worker_port: str = "<ray-max-worker-port>"
+    preflight_port: str = "<preflight-port>"
 
     @classmethod
     def for_job(cls, ports: Ports, node_ip: str, head_ip: str, tmp_dir: str) -> Runtime:
@@ -56,7 +57,7 @@ class Runtime:
                    ray_autoscaler_metrics_port=str(ports.ray_autoscaler_metrics),
                    ray_dashboard_metrics_port=str(ports.ray_dashboard_metrics),
                    ray_min_worker_port=str(ports.ray_min_worker),
-                   ray_max_worker_port=str(ports.ray_max_worker))
+                   ray_max_worker_port=str(ports.ray_max_worker), preflight_port=str(ports.preflight))
 
 
 @lru_cache(maxsize=8)

@@ -31,6 +31,19 @@ def reasons(state):
     return [entry["reason"] for entry in state["history"]]
 
 
+def all_reduce_ran(home, job_id, nodes: int) -> float:
+    """Every node's preflight ran the Gloo all-reduce with vLLM's torch; its bus bandwidth (GB/s)."""
+    records = {int(path.stem): json.loads(path.read_text())
+               for path in (deployment_dir(home, job_id) / "preflight").glob("*.json")}
+    assert sorted(records) == list(range(nodes)), records
+    figures = [record["all_reduce"]["gloo"] for record in records.values()]
+    assert all(f["mib"] == 16 and 0 < f["seconds"] < 30 and f["bus_gbps"] > 0 for f in figures), figures
+    assert all(record["stage"] == "done" and not record["unreached"] for record in records.values()), records
+    print(f"preflight on {nodes} nodes: Gloo all-reduce of 16 MiB, bus bandwidth "
+          f"{sorted(f['bus_gbps'] for f in figures)} GB/s, took {[r['took_s'] for r in records.values()]} s")
+    return min(f["bus_gbps"] for f in figures)
+
+
 def test_two_nodes_form_ray_then_vllm_cpu_refuses_it_as_failed(cluster, home, vllm_env):
     job_id = submit_ray(vllm_env, "--nodes", "2", "--gpus-per-node", "1", "--pp", "2")
     state = wait_phase(home, job_id, ("READY", "FAILED"), 300)
@@ -40,6 +53,7 @@ def test_two_nodes_form_ray_then_vllm_cpu_refuses_it_as_failed(cluster, home, vl
                           "workers on Ray: pass --launcher mp"), first_line
     assert "root error: ValueError: current platform cpu does not support ray." in state["reason"]
     assert "Ray: 2/2 nodes, 2/2 GPUs joined" in reasons(state)
+    all_reduce_ran(home, job_id, 2)
     log = (deployment_dir(home, job_id) / "logs" / "node-0.log").read_text()
     started = [line for line in log.splitlines() if "started vllm" in line][0]
     for words in ("--distributed-executor-backend ray", "--pipeline-parallel-size 2",
@@ -63,6 +77,7 @@ def test_four_nodes_form_one_ray_cluster_that_a_driver_uses(cluster, home, vllm_
     state = wait_phase(home, job_id, ("READY", "FAILED"), 240)
     assert state["phase"] == "READY", state["reason"]
     assert "Ray: 4/4 nodes, 8/8 GPUs joined" in reasons(state)
+    all_reduce_ran(home, job_id, 4)
     folder = deployment_dir(home, job_id)
     log = (folder / "logs" / "node-0.log").read_text()
     report = json.loads(log.split("RAY-DRIVER ", 1)[1].splitlines()[0])

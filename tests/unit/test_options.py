@@ -100,7 +100,7 @@ FULL = dict(model="org/moe", gpus_per_node=4, nodes=4, tp=4, pp=2, dp=2, ep=True
             name="my-job", setup=["module load cuda", "-starts-with-a-dash"], env=["A=1", "B=with space"],
             container="docker://vllm/vllm-openai:v0.32.0", engine_cmd="python -m vllm serve",
             ray_cmd="/opt/ray/bin/ray", port=8443, network="10.0.0.0/8", cache_dir="/cache", api_key=False,
-            open_metrics=True, max_restarts=2, stall_timeout=0, auto_renew=True, renew_before=10, executor="local",
+            open_metrics=True, max_restarts=2, stall_timeout=0, preflight=False, auto_renew=True, renew_before=10, executor="local",
             vllm_args=["--max-model-len", "512"], home="/shared/registry", python="/opt/py/bin/python3")
 
 

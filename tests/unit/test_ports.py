@@ -19,7 +19,7 @@ def named(ports):
     return [ports.api, ports.ray, ports.master, ports.dp_rpc, ports.ray_client, ports.ray_node_manager,
             ports.ray_object_manager, ports.ray_metrics_export, ports.ray_dashboard_agent_grpc,
             ports.ray_dashboard_agent_http, ports.ray_runtime_env_agent, ports.ray_autoscaler_metrics,
-            ports.ray_dashboard_metrics]
+            ports.ray_dashboard_metrics, ports.preflight]
 
 
 def workers(ports):

@@ -1,0 +1,144 @@
+"""What one node checks about itself before any engine starts: the GPUs Slurm gave, the model,
+free space where the caches and temp files go, /dev/shm, and temp paths short enough for Unix
+sockets. Each check returns a problem (one line naming the node and the fix) or None, and the
+figures it read go into the node's preflight record. Stdlib only; milliseconds.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from typing import Any, Mapping
+
+from ..planner.spec import DeploymentSpec
+
+GIB, MIB = 1 << 30, 1 << 20
+#: Free space a start needs: the compile caches (vLLM's and torch's, kept between jobs), the
+#: job's temp folder (Ray's session, vLLM's sockets and temp files), and /dev/shm (vLLM's
+#: shared-memory queues between its processes, Ray's object store).
+MIN_CACHE_FREE, MIN_TMP_FREE, MIN_SHM_FREE = 1 * GIB, 256 * MIB, 256 * MIB
+#: The longest Unix socket path Linux takes (sun_path: 108 bytes with the NUL), and how much
+#: Ray adds to its temp folder (``session_<date>_<time>_<pid>/sockets/plasma_store``), with room.
+SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, 72
+#: The files a model folder holds its weights in.
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def gpu_problem(where: str, per_node: int, environ: Mapping[str, str]) -> str | None:
+    """The GPUs this node sees must be as many as the layout needs (Slurm's count is checked
+    against the layout on joining; this is what CUDA will see)."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if per_node <= 0 or visible is None:
+        return None
+    devices = [d for d in visible.split(",") if d.strip()]
+    if not devices:
+        return (f"{where} has no GPU: CUDA_VISIBLE_DEVICES is empty. Ask Slurm for GPUs "
+                f"(--gpus-per-node {per_node}) and do not clear CUDA_VISIBLE_DEVICES in --setup")
+    if len(devices) < per_node:
+        return (f"{where} sees {len(devices)} GPU(s) (CUDA_VISIBLE_DEVICES={visible}) but the layout "
+                f"needs {per_node} per node: resubmit with --gpus-per-node {len(devices)}")
+    return None
+
+
+def nvidia_gpus() -> int | None:
+    """How many GPUs `nvidia-smi -L` lists on this node (None: no nvidia-smi, or it failed)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else None
+
+
+def is_local_path(model: str) -> bool:
+    """Whether ``model`` names a folder (vLLM's rule: a path that exists; else a Hub id)."""
+    return os.path.isabs(model) or model.startswith(("./", "../", "~")) or os.path.isdir(model)
+
+
+def hub_snapshot(model: str, environ: Mapping[str, str]) -> str | None:
+    """The Hugging Face cache's newest snapshot folder of ``model`` on this node, if any."""
+    hub = environ.get("HF_HUB_CACHE") or os.path.join(
+        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    snapshots = sorted(glob.glob(os.path.join(hub, f"models--{model.replace('/', '--')}", "snapshots", "*")),
+                       key=os.path.getmtime)
+    return snapshots[-1] if snapshots else None
+
+
+def model_problem(where: str, model: str, environ: Mapping[str, str]) -> str | None:
+    """The model must be readable here: a folder with config.json and weights, or (on a node
+    without the Hub) in the Hugging Face cache. A model from the Hub, online, is not checked."""
+    if is_local_path(model):
+        folder = os.path.expanduser(model)
+        if not os.path.isdir(folder):
+            return (f"model folder {model} is not on {where}: put it on a filesystem every node "
+                    "sees, or copy it to the same path on every node")
+    elif any(environ.get(name, "") not in ("", "0") for name in OFFLINE_VARIABLES):
+        folder = hub_snapshot(model, environ) or ""
+        if not folder:
+            return (f"{model} is not in the Hugging Face cache on {where} and the node is offline "
+                    "(HF_HUB_OFFLINE): download it where every node sees it (`huggingface-cli download`, "
+                    "HF_HOME on a shared filesystem), or pass the folder")
+    else:
+        return None
+    config = os.path.join(folder, "config.json")
+    if not os.access(config, os.R_OK):
+        return f"{config} is missing or unreadable on {where}: is {model} a model folder?"
+    weights = [path for pattern in WEIGHTS for path in glob.glob(os.path.join(folder, pattern))]
+    if weights and not all(os.access(path, os.R_OK) for path in weights):
+        return f"the weights in {folder} are not readable on {where}: check their permissions"
+    return None
+
+
+def free_bytes(path: str) -> int | None:
+    """Free bytes on the filesystem of ``path`` (or its nearest existing parent)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        return shutil.disk_usage(path or "/").free
+    except OSError:
+        return None
+
+
+def space_problems(where: str, places: Mapping[str, tuple[str, int]]) -> tuple[list[str], dict[str, float]]:
+    """Problems and free GiB for each named place: ``{name: (path, bytes needed)}``."""
+    problems, figures = [], {}
+    for name, (path, needed) in places.items():
+        free = free_bytes(path)
+        if free is None:
+            continue
+        figures[f"{name}_free_gib"] = round(free / GIB, 2)
+        if free < needed:
+            problems.append(f"{where}: only {free / MIB:.0f} MiB free in {path} ({name}); a start needs "
+                            f"{needed / MIB:.0f} MiB: free some space" +
+                            (", or point --cache-dir elsewhere" if name == "cache" else
+                             " (ask for a larger /dev/shm, e.g. a container's --shm-size)" if name == "shm" else ""))
+    return problems, figures
+
+
+def socket_path_problem(where: str, tmp_dir: str) -> str | None:
+    """Ray's and vLLM's Unix sockets live under the job's temp folder: it must be short."""
+    longest = len(os.path.join(tmp_dir, "ray")) + SOCKET_SUFFIX
+    if longest > SOCKET_PATH_MAX:
+        return (f"the temp folder {tmp_dir} on {where} is too long for Unix sockets ({longest} > "
+                f"{SOCKET_PATH_MAX} bytes with Ray's session path): use a shorter TMPDIR")
+    return None
+
+
+def node_checks(spec: DeploymentSpec, where: str, tmp_dir: str, cache_root: str,
+                environ: Mapping[str, str]) -> tuple[list[str], dict[str, Any]]:
+    """Every check of this node: (problems, figures)."""
+    env = {**environ, **dict(spec.env)}
+    per_node = spec.layout.gpus_per_node
+    problems = [p for p in (gpu_problem(where, per_node, env), model_problem(where, spec.model, env),
+                            socket_path_problem(where, tmp_dir)) if p]
+    seen = nvidia_gpus()
+    if seen is not None and seen < per_node:
+        problems.append(f"{where}: nvidia-smi lists {seen} GPU(s) but the layout needs {per_node} per node")
+    space, figures = space_problems(where, {"cache": (cache_root, MIN_CACHE_FREE), "tmp": (tmp_dir, MIN_TMP_FREE),
+                                            "shm": ("/dev/shm", MIN_SHM_FREE)})
+    figures["gpus"] = seen if seen is not None else env.get("CUDA_VISIBLE_DEVICES")
+    return problems + space, figures
