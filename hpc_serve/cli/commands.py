@@ -44,6 +44,7 @@ def cmd_render(ns: Args, vllm_args: list[str]) -> int:
     from ..job.sbatch import render_script
 
     spec, settings = _resolve(ns, vllm_args)
+    views.show_sizing(settings.sizing, brief=True)
     views.warn(spec.warnings)
     script = render_script(spec, settings.sources, command=_command_line(ns.argv, vllm_args))
     if ns.output is None:
@@ -63,13 +64,16 @@ def cmd_render(ns: Args, vllm_args: list[str]) -> int:
 def cmd_plan(ns: Args, vllm_args: list[str]) -> int:
     from ..planner.launch import make_plan
 
+    if ns.suggest:
+        ns.tp = "auto"
     spec, settings = _resolve(ns, vllm_args)
     launch = make_plan(spec)
     if ns.json:
         import json
 
-        print(json.dumps({**launch.to_dict(), "sources": settings.sources}, indent=2))
+        print(json.dumps({**launch.to_dict(), "sources": settings.sources, "sizing": list(settings.sizing)}, indent=2))
         return 0
+    views.show_sizing(settings.sizing)
     views.show_plan(launch, settings.sources)
     views.warn(spec.warnings)
     return 0
@@ -79,6 +83,7 @@ def cmd_submit(ns: Args, vllm_args: list[str]) -> int:
     from ..job.submission import submit
 
     spec, settings = _resolve(ns, vllm_args)
+    views.show_sizing(settings.sizing, brief=True)
     views.warn(spec.warnings)
     dep = submit(spec)
     print(f"submitted {dep.id} ({spec.name}): {spec.model} on {spec.layout.nodes} node(s)")

@@ -10,13 +10,22 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..planner.options import OPTIONS, Option
+from ..planner.options import AUTO, AUTO_OPTIONS, OPTIONS, Option
 from ..version import __version__
 
 #: The help groups of the deployment flags, in order (``Option.group``).
 SPEC_GROUPS = ("layout", "resources", "node setup")
 #: The flags of submit/render/plan: the options that have a help group.
 SPEC_FLAGS: tuple[Option, ...] = tuple(option for option in OPTIONS if option.group is not None)
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == AUTO:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value: {text!r} (a whole number, or {AUTO})") from None
 
 
 def _dest(option: Option) -> str:
@@ -34,7 +43,8 @@ def add_spec_options(parser: argparse.ArgumentParser) -> None:
         elif option.kind == "list":
             group.add_argument(*flags, dest=dest, action="append", metavar="VALUE", help=option.help)
         else:
-            group.add_argument(*flags, dest=dest, type=int if option.kind == "int" else str,
+            kind = _int_or_auto if option.name in AUTO_OPTIONS else int if option.kind == "int" else str
+            group.add_argument(*flags, dest=dest, type=kind,
                                metavar=option.name.split("_")[0].upper(), help=option.help)
     groups["node setup"].add_argument("--profile", metavar="PROFILE", help="named profile from your config")
 
@@ -67,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="show the layout, roles and exact commands per node")
     add_spec_options(plan)
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.add_argument("--suggest", action="store_true",
+                      help="pick the layout from the model (as --tp auto) and show the arithmetic")
 
     submit = sub.add_parser("submit", help="submit a deployment (submitit; Slurm or --executor local)")
     add_spec_options(submit)

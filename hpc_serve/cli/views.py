@@ -34,6 +34,16 @@ def warn(messages: Iterable[str]) -> None:
         print(f"warning: {message}", file=sys.stderr)
 
 
+def show_sizing(lines: Iterable[str], brief: bool = False) -> None:
+    """The arithmetic of --tp auto: every step on stdout (plan), or the layout it chose on stderr."""
+    lines = list(lines)
+    if lines and brief:
+        print(f"--tp auto: {lines[-1]} (hpc-serve plan --suggest shows the arithmetic)", file=sys.stderr)
+    elif lines:
+        print("--tp auto, from the model's config.json:")
+        print("\n".join(f"  {line}" for line in lines) + "\n")
+
+
 # --- connecting: the endpoint, the exports an OpenAI client reads, the tunnel ---------------
 
 def export_lines(url: str, api_key_file: str | None) -> list[str]:

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 from typing import Any, Mapping
 
+from ..planner.model_info import hub_snapshot
 from ..planner.spec import DeploymentSpec
 
 GIB, MIB = 1 << 30, 1 << 20
@@ -57,15 +58,6 @@ def nvidia_gpus() -> int | None:
 def is_local_path(model: str) -> bool:
     """Whether ``model`` names a folder (vLLM's rule: a path that exists; else a Hub id)."""
     return os.path.isabs(model) or model.startswith(("./", "../", "~")) or os.path.isdir(model)
-
-
-def hub_snapshot(model: str, environ: Mapping[str, str]) -> str | None:
-    """The Hugging Face cache's newest snapshot folder of ``model`` on this node, if any."""
-    hub = environ.get("HF_HUB_CACHE") or os.path.join(
-        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    snapshots = sorted(glob.glob(os.path.join(hub, f"models--{model.replace('/', '--')}", "snapshots", "*")),
-                       key=os.path.getmtime)
-    return snapshots[-1] if snapshots else None
 
 
 def model_problem(where: str, model: str, environ: Mapping[str, str]) -> str | None:

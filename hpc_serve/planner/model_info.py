@@ -1,9 +1,12 @@
-"""What can be learnt about a model before submitting: only from a local folder, never a hub."""
+"""What can be learnt about a model before submitting: from a local folder or this machine's
+Hugging Face cache, never a hub."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+from typing import Mapping
 
 from ..errors import HpcServeError
 
@@ -34,3 +37,12 @@ def check_moe(model: str) -> None:
             f"(its config.json has none of {', '.join(_EXPERT_KEYS)}).",
             "Drop --ep for dense models; use --tp/--pp/--dp instead.",
         )
+
+
+def hub_snapshot(model: str, environ: Mapping[str, str]) -> str | None:
+    """The newest snapshot folder of ``model`` in this machine's Hugging Face cache, if any."""
+    hub = environ.get("HF_HUB_CACHE") or os.path.join(
+        environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
+    snapshots = sorted(glob.glob(os.path.join(hub, f"models--{model.replace('/', '--')}", "snapshots", "*")),
+                       key=os.path.getmtime)
+    return snapshots[-1] if snapshots else None

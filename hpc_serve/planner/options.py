@@ -27,6 +27,9 @@ DEFAULT_ALL2ALL = "allgather_reducescatter"
 MAX_RESTARTS = 100
 #: The option whose values go to vLLM after ``--`` (on the CLI and in the node agent's argv).
 PASSTHROUGH = "vllm_args"
+#: The integer options that may also be "auto" (the layout from the model: planner/sizing.py).
+AUTO = "auto"
+AUTO_OPTIONS = ("tp",)
 _TIME = re.compile(r"^(\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|\d+(:\d{1,2}(:\d{1,2})?)?)$")
 _MEM = re.compile(r"^\d+[KMGT]?$", re.IGNORECASE)
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -161,6 +164,12 @@ def _check_mem(mem: str) -> None:
         raise HpcServeError(f"--mem {mem!r} is not a Slurm memory size.", "Use e.g. --mem 256G, or --mem 0 for all.")
 
 
+def _check_gpu_memory(gib: int) -> None:
+    if gib < 1:
+        raise HpcServeError(f"--gpu-memory must be at least 1 GiB (got {gib}).",
+                            "Give the memory of one GPU in GiB, e.g. --gpu-memory 80.")
+
+
 def _check_cpus(cpus: int) -> None:
     if cpus < 1:
         raise HpcServeError(f"--cpus-per-node must be at least 1 (got {cpus}).",
@@ -207,7 +216,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", "str", None, "model name or path (or the MODEL argument)", _LAYOUT, to_node=False),
     Option("nodes", "int", None, "nodes to allocate (derived when missing)", _LAYOUT, in_layout=True),
     Option("gpus_per_node", "int", None, "GPUs per node (flag > profile > sinfo > 8)", _LAYOUT, in_layout=True),
-    Option("tp", "int", None, "tensor-parallel size, inside a node (default: a whole node)", _LAYOUT,
+    Option("tp", "int", None, "tensor-parallel size, inside a node (default: a whole node; auto: the "
+           "smallest that holds the model, with PP across nodes when needed; needs --gpu-memory)", _LAYOUT,
            in_layout=True),
     Option("pp", "int", None, "pipeline-parallel size, across nodes (default 1)", _LAYOUT, in_layout=True),
     Option("dp", "int", None, "data-parallel replicas (derived when missing)", _LAYOUT, in_layout=True),
@@ -226,6 +236,8 @@ OPTIONS: tuple[Option, ...] = (
            check=_directive("constraint")),
     Option("exclusive", "bool", False, "whole nodes only", _RESOURCES),
     Option("cpus_per_node", "int", None, "CPUs per node", _RESOURCES, check=_check_cpus),
+    Option("gpu_memory", "int", None, "GiB of memory of one GPU, for --tp auto (e.g. 80)", _RESOURCES,
+           check=_check_gpu_memory, in_spec=False, to_node=False),
     Option("mem", "str", None, "memory per node, e.g. 256G (0 = all)", _RESOURCES, check=_check_mem),
     Option("name", "str", "hpc-serve", "job name (default hpc-serve)", _RESOURCES,
            check=_directive("name", "job name")),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..errors import HpcServeError
-from .options import BY_NAME, SETTING_KINDS, defaults
+from .options import AUTO, AUTO_OPTIONS, BY_NAME, SETTING_KINDS, defaults
 
 #: The built-in layer: every option's default (planner/options.py).
 DEFAULTS: dict[str, Any] = defaults()
@@ -27,6 +27,7 @@ class Settings:
     values: dict[str, Any]
     sources: dict[str, str]
     profile: str | None = None
+    sizing: tuple[str, ...] = ()  # the arithmetic of --tp auto (planner/sizing.py)
 
 
 def site_config_path() -> str:
@@ -62,6 +63,8 @@ def _load_toml(path: str) -> dict[str, Any]:
 
 def _check_value(key: str, value: Any, where: str) -> Any:
     kind = SETTING_KINDS[key]
+    if key in AUTO_OPTIONS and value == AUTO:
+        return value
     ok = {
         "int": isinstance(value, int) and not isinstance(value, bool),
         "bool": isinstance(value, bool),
@@ -117,7 +120,9 @@ def _from_env(environ: dict[str, str]) -> dict[str, Any]:
         if key not in SETTING_KINDS:
             continue  # e.g. HPC_SERVE_HOME is read by the node side directly
         kind = SETTING_KINDS[key]
-        if kind == "int":
+        if key in AUTO_OPTIONS and raw.strip() == AUTO:
+            values[key] = AUTO
+        elif kind == "int":
             if not raw.strip().isdigit():
                 raise HpcServeError(f"{name}={raw!r} is not a whole number.", f"Unset it or set e.g. {name}=8.")
             values[key] = int(raw)
@@ -170,4 +175,9 @@ def resolve_settings(
         else:
             values["gpus_per_node"] = FALLBACK_GPUS_PER_NODE
             sources["gpus_per_node"] = "fallback (no flag, profile or sinfo answer)"
-    return Settings(values, sources, profile)
+    sizing: tuple[str, ...] = ()
+    if values.get("tp") == AUTO:
+        from .sizing import auto_layout
+
+        sizing = auto_layout(values, sources)
+    return Settings(values, sources, profile, sizing)

@@ -130,6 +130,7 @@ def build_spec(
     home: str = "~/.hpc-serve",
     python: str = "python3",
     login_host: str | None = None,
+    gpu_memory: int | None = None,
     ssh_cmd: str = "ssh",
     api_key: bool = True,
     max_restarts: int = 0,

@@ -199,7 +199,7 @@ def test_render_to_unwritable_path():
 def test_usage_error_exits_2():
     done = run("render", "m", "--tp", "eight")
     assert (done.returncode, done.stdout) == (2, "")
-    assert done.stderr.splitlines()[-1] == "hpc-serve render: error: argument --tp: invalid int value: 'eight'"
+    assert done.stderr.splitlines()[-1] == "hpc-serve render: error: argument --tp: invalid value: 'eight' (a whole number, or auto)"
 
 
 def test_cancel_without_an_id():

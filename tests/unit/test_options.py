@@ -192,6 +192,8 @@ BAD = {
     "executor": ("kubernetes", "Unknown executor 'kubernetes'.", "Use one of: slurm, local."),
     "stall_timeout": (-5, "--stall-timeout must be 0 (never) or a number of seconds (got -5).",
                       "Give how long a start-up may go without new engine output, e.g. --stall-timeout 1800."),
+    "gpu_memory": (0, "--gpu-memory must be at least 1 GiB (got 0).",
+                   "Give the memory of one GPU in GiB, e.g. --gpu-memory 80."),
 }
 
 

@@ -5,10 +5,11 @@ import socket
 
 import pytest
 
-from hpc_serve.node.checks import (MIN_SHM_FREE, gpu_problem, hub_snapshot, model_problem, socket_path_problem,
+from hpc_serve.node.checks import (MIN_SHM_FREE, gpu_problem, model_problem, socket_path_problem,
                                    space_problems)
 from hpc_serve.node.fabric import Listeners, all_reduce, nccl_transport, reach, unreached
 from hpc_serve.node.preflight import describe, verdict
+from hpc_serve.planner.model_info import hub_snapshot
 
 WHERE = "node 1 (gpu-07)"
 
