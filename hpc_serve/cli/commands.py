@@ -129,6 +129,11 @@ def cmd_status(ns: Args, vllm_args: list[str]) -> int:
     from ..client import control as client
 
     home = _client_settings()["home"]
+    if getattr(ns, "watch", False):
+        if not ns.id or ns.json:
+            raise HpcServeError("--watch shows one deployment.", "Give its ID, without --json: hpc-serve status ID --watch.")
+        client.status(ns.id, home, live=False)  # an unknown ID fails here, before the screen is taken
+        return views.watch_status(lambda: client.status(ns.id, home))
     if ns.id:
         rows = [client.status(ns.id, home)]
     else:

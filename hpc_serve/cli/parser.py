@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="show deployments (live ones, or one by ID)")
     _id(status, optional=True)
+    status.add_argument("--watch", action="store_true", help="with ID: redraw every 2 s (what the server does now)")
     listing = sub.add_parser("list", help="list deployments")
     listing.set_defaults(id=None)
     listing.add_argument("--all", action="store_true", help="include ended deployments")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     from ..client.control import DeploymentStatus
@@ -161,6 +161,37 @@ def status_table(rows: list[DeploymentStatus]) -> None:
     if len(rows) == 1 and rows[0].restarts:
         print(f"\nrestarted {len(rows[0].restarts)} time(s):")
         print("\n".join("  " + line for line in rows[0].restarts))
+    if len(rows) == 1 and (rows[0].load or rows[0].load_error):
+        print("\nnow (vLLM's /metrics):")
+        print("\n".join(f"  {engine.describe()}" for engine in rows[0].load) or f"  {rows[0].load_error}")
+
+
+def watch_status(read: Callable[[], "DeploymentStatus"], every_s: float = 2.0) -> int:
+    """`status ID --watch`: the status, redrawn every ``every_s`` until the deployment ends or
+    Ctrl-C (exit 0 either way)."""
+    import io
+    import time
+
+    from rich.live import Live
+    from rich.text import Text
+
+    def frame() -> tuple[Text, bool]:
+        row = read()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            status_table([row])
+        return Text(out.getvalue().rstrip() + f"\n\n(every {every_s:g} s; Ctrl-C to stop)"), row.live
+
+    try:
+        text, live = frame()
+        with Live(text, console=console(), auto_refresh=False) as screen:
+            while live:
+                time.sleep(every_s)
+                text, live = frame()
+                screen.update(text, refresh=True)
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def smoke_table(results: list[Any], title: str) -> None:

@@ -17,6 +17,7 @@ from typing import Iterator
 from ..errors import HpcServeError
 from ..registry import ENDPOINT, JOB, STATE, TERMINAL, CorruptRecord, Deployment, Registry, registry_root
 from ..slurm import QueueView, queue_watcher, scancel
+from .metrics import EngineLoad
 
 #: The Slurm state shown while squeue does not answer (the deployment counts as live).
 SLURM_SILENT = "UNKNOWN (Slurm is not answering)"
@@ -40,6 +41,8 @@ class DeploymentStatus:
     restarts: tuple[str, ...] = ()  # why each earlier run ended: first lines, oldest first
     startup: tuple[tuple[str, float], ...] = ()  # (phase, seconds) to READY; `status ID` only
     preflight: tuple[dict, ...] = ()  # every node's preflight record (hpc_serve.node.preflight); `status ID` only
+    load: tuple[EngineLoad, ...] = ()  # what vLLM's /metrics says now, per engine; `status ID` of a READY one
+    load_error: str = ""  # why the load could not be read
 
     @property
     def live(self) -> bool:
@@ -48,7 +51,7 @@ class DeploymentStatus:
     def to_dict(self) -> dict:
         return {**asdict(self), "live": self.live,
                 "startup": [{"phase": name, "seconds": round(seconds, 3)} for name, seconds in self.startup],
-                "preflight": list(self.preflight)}
+                "preflight": list(self.preflight), "load": [engine.to_dict() for engine in self.load]}
 
 
 def _layout_text(spec: dict) -> str:
@@ -142,12 +145,20 @@ def statuses(home: str | None = None, include_ended: bool = False) -> list[Deplo
     return rows if include_ended else [row for row in rows if row.live or row.problem]
 
 
-def status(key: str, home: str | None = None) -> DeploymentStatus:
-    """One deployment's status, by job id or name."""
+def status(key: str, home: str | None = None, live: bool = True) -> DeploymentStatus:
+    """One deployment's status, by job id or name; ``live``: when READY, what its server is doing
+    now (two samples of vLLM's /metrics, half a second apart)."""
     from .startup import preflight_rows, startup_phases
 
     dep = _registry(home).find(key)
-    return replace(describe(dep, queue_view([dep])), startup=startup_phases(dep), preflight=preflight_rows(dep))
+    row = replace(describe(dep, queue_view([dep])), startup=startup_phases(dep), preflight=preflight_rows(dep))
+    base = (dep.endpoint or {}).get("base")
+    if live and row.phase == "READY" and row.live and base:
+        from .metrics import live_load
+
+        load, problem = live_load(base, dep.api_key)
+        row = replace(row, load=load, load_error=problem)
+    return row
 
 
 def serving(registry: Registry, dep: Deployment) -> Deployment:

@@ -398,3 +398,39 @@ def test_a_client_going_away_mid_stream_aborts_the_request_in_vllm(served):
             break
     assert generated < 480, f"every request ran to its end after the client left: {tries}"
     print(f"vLLM stopped the request {stopped_s * 1000:.0f} ms after the client left, after {generated:.0f} tokens")
+
+
+def test_status_shows_what_the_server_is_doing_now_under_load_and_after(served):
+    """Two clients keep vLLM busy; `status ID` reads its /metrics: requests running and tokens a
+    second during the load, none after."""
+    done = threading.Event()
+    answered = []
+
+    def client():
+        while not done.is_set():
+            status, _ = call(f"{base_url(served)}/v1/completions", served["key"],
+                             {"model": served["model"], "prompt": "Hello", "max_tokens": 200, "ignore_eos": True})
+            answered.append(status)
+
+    load = [threading.Thread(target=client) for _ in range(2)]
+    for thread in load:
+        thread.start()
+    try:
+        def busy():
+            row = json.loads(run_cli("status", served["id"], "--json", env=served["env"]).stdout)[0]
+            return row if row["load"] and row["load"][0]["running"] >= 1 else None
+
+        during = wait_for(busy, 30, "status to show running requests")
+        engine = during["load"][0]
+        assert engine["engine"] == "0" and engine["generation_tps"] > 0 and 0 <= engine["kv_cache_used"] <= 1, engine
+    finally:
+        done.set()
+        for thread in load:
+            thread.join(60)
+    assert answered and set(answered) == {200}, answered
+    wait_for(lambda: metrics(served)["vllm:num_requests_running"] == 0, 30, "the load to end")
+    shown = run_cli("status", served["id"], env=served["env"]).stdout
+    lines = shown.split("now (vLLM's /metrics):\n", 1)[1].splitlines()
+    assert lines[0].startswith("  engine 0: 0 running, 0 waiting, KV cache 0.0% used, prompt 0.0 tok/s, "
+                               "generation 0.0 tok/s"), shown
+    print(f"under load: {engine}")
