@@ -131,7 +131,8 @@ def cmd_status(ns: Args, vllm_args: list[str]) -> int:
     home = _client_settings()["home"]
     if getattr(ns, "watch", False):
         if not ns.id or ns.json:
-            raise HpcServeError("--watch shows one deployment.", "Give its ID, without --json: hpc-serve status ID --watch.")
+            raise HpcServeError("--watch shows one deployment.",
+                                "Give its ID, without --json: hpc-serve status ID --watch.")
         client.status(ns.id, home, live=False)  # an unknown ID fails here, before the screen is taken
         return views.watch_status(lambda: client.status(ns.id, home))
     if ns.id:

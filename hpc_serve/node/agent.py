@@ -10,10 +10,11 @@ Each step does one thing and returns the next step, or the run's exit code. Ever
 who it is; node 0 also writes the deployment's spec, plan and job records and waits until every
 node has reported (hpc_serve.node.joining). prepare makes this node's runtime and computes its
 plan, once; the preflight checks every node and the network between them, all nodes together,
-before any engine starts (hpc_serve.node.preflight; --no-preflight skips it). With the mp launcher every node runs its vLLM process; with Ray, node 0 writes the
-Ray token, starts the head and waits until every node and GPU joined, the workers start as soon
-as the token exists (hpc_serve.node.ray_cluster). Node 0 marks LOADING, then READY once /health
-answers and /v1/models lists the model, and publishes the endpoint (hpc_serve.node.publish).
+before any engine starts (hpc_serve.node.preflight; --no-preflight skips it). With the mp
+launcher every node runs its vLLM process; with Ray, node 0 writes the Ray token, starts the head
+and waits until every node and GPU joined, the workers start as soon as the token exists
+(hpc_serve.node.ray_cluster). Node 0 marks LOADING, then READY once /health answers and
+/v1/models lists the model, and publishes the endpoint (hpc_serve.node.publish).
 watch turns any node's vLLM exit or silence into FAILED with its reason (hpc_serve.node.outcome).
 
 Restarts: a requeued job runs again under the same id with SLURM_RESTART_COUNT set; every record of

@@ -197,8 +197,9 @@ def suggest_layout(config: Mapping[str, Any], gpu_memory_gib: float, gpus_per_no
         except HpcServeError:
             pass
         else:
-            raise HpcServeError(problem, f"It fits --nodes {wider.nodes} (TP {wider.tp} x PP {wider.pp}); or use a "
-                                         "quantized checkpoint (FP8 halves the weights), or a shorter -- --max-model-len.")
+            raise HpcServeError(problem, f"It fits --nodes {wider.nodes} (TP {wider.tp} x PP {wider.pp}); or use "
+                                         "a quantized checkpoint (FP8 halves the weights), or a shorter "
+                                         "-- --max-model-len.")
     raise HpcServeError(problem, f"The weights alone need about {size.weight_bytes / GIB / usable:.0f} such GPUs: "
                                  "use a quantized checkpoint (FP8 halves them), or a shorter -- --max-model-len.")
 
