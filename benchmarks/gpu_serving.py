@@ -82,18 +82,20 @@ def wait_free(idle_mib: int, seconds: float = 60) -> None:
 class Hand:
     """`vllm serve` started by hand, as a user would."""
 
-    def __init__(self, model: str, cache: str, port: int, out: Path, phase: str) -> None:
+    def __init__(self, model: str, cache: str, port: int, out: Path, phase: str, name: str = "hand") -> None:
         self.model, self.cache, self.port = model, cache, port
         self.url, self.key, self.popen = f"http://127.0.0.1:{port}", "", None
-        self.log = out / f"{phase}-hand.log"
+        self.log = out / f"{phase}-{name}.log"
+        self.env: dict[str, str] = {}  # added to the environment (a subclass may add to both)
+        self.args: list[str] = []  # added to the command line
 
     def start(self) -> float:
         started = time.time()
-        env = {**os.environ, "VLLM_CACHE_ROOT": self.cache}
+        env = {**os.environ, "VLLM_CACHE_ROOT": self.cache, **self.env}
         self.popen = subprocess.Popen([*shlex.split(VLLM), self.model, "--host", "127.0.0.1", "--port",
-                                       str(self.port), *FLAGS], env=env, stdout=self.log.open("ab"),
+                                       str(self.port), *FLAGS, *self.args], env=env, stdout=self.log.open("ab"),
                                       stderr=subprocess.STDOUT, start_new_session=True)
-        while not serves(self.url, self.model):
+        while not serves(self.url, self.model, self.key):
             if self.popen.poll() is not None:
                 raise RuntimeError(f"vllm serve exited with {self.popen.returncode}: see {self.log}")
             time.sleep(0.25)
