@@ -3,7 +3,7 @@
     <home>/deployments/<job id>/
         spec.json  plan.json  job.json  state.json  nodes/<rank>.json  logs/node-<rank>.log
         endpoint.json  timings/<rank>.json  beats/<rank>.json  preflight/<rank>.json
-        api_key  ray.json  ray_token
+        api_key  ray.json  ray_token  bench/<time>.json (hpc-serve bench)
 
 Folders are 0700 and files 0600 (they will hold API keys). Every write is atomic (temp file,
 fsync, rename) and retried on a stale NFS handle. Stdlib only: the node agent uses it too.
@@ -24,6 +24,7 @@ from .errors import HpcServeError
 SPEC, PLAN, JOB, STATE, ENDPOINT = "spec.json", "plan.json", "job.json", "state.json", "endpoint.json"
 API_KEY, RAY, RAY_TOKEN, CANCEL = "api_key", "ray.json", "ray_token", "cancel.json"
 NODES, LOGS, TIMINGS, BEATS, ENDS, PREFLIGHT = "nodes", "logs", "timings", "beats", "ends", "preflight"
+BENCH = "bench"
 
 PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")

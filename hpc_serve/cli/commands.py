@@ -231,6 +231,30 @@ def cmd_smoke(ns: Args, vllm_args: list[str]) -> int:
     return 1 if any(r.ok is False for r in results) else 0
 
 
+def cmd_bench(ns: Args, vllm_args: list[str]) -> int:
+    from ..client.bench import Load, run_bench
+
+    home = _client_settings()["home"]
+    load = Load(input_len=ns.input_len, output_len=ns.output_len, prompts=ns.prompts, rate=ns.rate,
+                concurrency=ns.concurrency, chat=ns.chat, seed=ns.seed, extra=tuple(vllm_args))
+    load.check()
+    runs = []
+    for key in (ns.id, ns.compare) if ns.compare else (ns.id,):
+        print(f"benchmarking {key}: {load.prompts} requests of {load.input_len} tokens in, {load.output_len} out",
+              file=sys.stderr, flush=True)
+        runs.append(run_bench(key, load, home, vllm_cmd=ns.vllm_cmd, tokenizer=ns.tokenizer, echo=not ns.json))
+    if ns.json:
+        import json
+
+        print(json.dumps({run.id: {"url": run.url, "result_file": run.result_file, **run.result} for run in runs},
+                         indent=2))
+    else:
+        views.bench_table(runs)
+    for run in runs:
+        print(f"kept: {run.result_file}", file=sys.stderr)
+    return 1 if any(run.result.get("failed") for run in runs) else 0
+
+
 def cmd_logs(ns: Args, vllm_args: list[str]) -> int:
     from ..client import control as client
 
@@ -266,5 +290,5 @@ def cmd_demo(ns: Args, vllm_args: list[str]) -> int:
 HANDLERS = {
     "render": cmd_render, "plan": cmd_plan, "submit": cmd_submit, "wait": cmd_wait, "status": cmd_status,
     "list": cmd_status, "endpoint": cmd_endpoint, "tunnel": cmd_tunnel, "smoke": cmd_smoke,
-    "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
+    "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
 }

@@ -122,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--url", help="base URL to test instead (e.g. a tunnel's http://127.0.0.1:P/v1)")
     smoke.add_argument("--json", action="store_true", help="machine-readable results")
 
+    bench = sub.add_parser("bench", help="run vLLM's benchmark (vllm bench serve) against a READY deployment; "
+                                         "flags after -- go to it")
+    _id(bench)
+    bench.add_argument("--compare", metavar="ID2", help="run the same load against a second deployment, side by side")
+    bench.add_argument("--input-len", type=int, default=256, metavar="N", help="tokens per prompt (default 256)")
+    bench.add_argument("--output-len", type=int, default=128, metavar="N",
+                       help="tokens per answer, exactly (ignore_eos; default 128)")
+    bench.add_argument("--prompts", type=int, default=200, metavar="N", help="requests in all (default 200)")
+    bench.add_argument("--rate", type=float, metavar="R", help="requests per second (default: all at once)")
+    bench.add_argument("--concurrency", type=int, metavar="N", help="at most N requests at a time (default: no limit)")
+    bench.add_argument("--chat", action="store_true", help="chat completions instead of completions")
+    bench.add_argument("--seed", type=int, default=0, help="random prompts' seed (default 0: the same prompts each run)")
+    bench.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                       help="tokenizer for the prompts (default: the deployment's model)")
+    bench.add_argument("--vllm-cmd", metavar="CMD",
+                       help="vLLM to run it with (default: vllm on PATH, else the deployment's engine command)")
+    bench.add_argument("--json", action="store_true", help="print vLLM's results as JSON")
+
     logs = sub.add_parser("logs", help="show a node's log of a deployment")
     _id(logs)
     logs.add_argument("--node", type=int, default=0, help="node rank (default 0)")

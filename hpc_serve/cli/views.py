@@ -207,6 +207,28 @@ def smoke_table(results: list[Any], title: str) -> None:
     console().print(table)
 
 
+def bench_table(runs: list[Any]) -> None:
+    """`hpc-serve bench`: vLLM's figures, one column per deployment (and their ratio for two)."""
+    from rich.table import Table
+
+    from ..client.bench import shown_rows
+
+    table = Table(title="vllm bench serve: " + " vs ".join(f"{run.id} ({run.url})" for run in runs))
+    table.add_column("")
+    for run in runs:
+        table.add_column(run.id, justify="right")
+    if len(runs) == 2:
+        table.add_column(f"{runs[1].id} / {runs[0].id}", justify="right")
+    values = [dict(shown_rows(run.result)) for run in runs]
+    for label, _ in shown_rows({**runs[-1].result, **runs[0].result}):
+        cells = [v.get(label, "") for v in values]
+        if len(runs) == 2:
+            a, b = (float(c) if c else 0.0 for c in cells)
+            cells.append(f"{b / a:.3f}" if a else "")
+        table.add_row(label, *cells)
+    console().print(table)
+
+
 def smoke_summary(results: list[Any]) -> str:
     """``N passed, M failed, K skipped: names of the failed``."""
     failed = [r.name for r in results if r.ok is False]

@@ -434,3 +434,43 @@ def test_status_shows_what_the_server_is_doing_now_under_load_and_after(served):
     assert lines[0].startswith("  engine 0: 0 running, 0 waiting, KV cache 0.0% used, prompt 0.0 tok/s, "
                                "generation 0.0 tok/s"), shown
     print(f"under load: {engine}")
+
+
+def bench(served, *args, timeout=300):
+    return run_cli("bench", *args, "--prompts", "8", "--input-len", "32", "--output-len", "8", env=served["env"],
+                   timeout=timeout)
+
+
+def test_bench_runs_vllms_benchmark_keeps_its_result_and_compares_two_deployments(served, cluster, vllm_env):
+    second = run_cli("submit", "--no-wait", vllm_env.model, "--gpus-per-node", "1", "--engine-cmd",
+                     vllm_env.engine_cmd, "--env", "VLLM_CPU_KVCACHE_SPACE=1", *VLLM_ARGS, "--enforce-eager",
+                     env=served["env"])
+    assert second.returncode == 0, second.stderr
+    other = second.stdout.split()[1]
+    try:
+        done = bench(served, served["id"], "--json")  # while the second deployment starts
+        assert done.returncode == 0, done.stderr[-3000:]
+        result = json.loads(done.stdout)[served["id"]]
+        assert (result["completed"], result["failed"], result["total_output_tokens"]) == (8, 0, 64), result
+        assert result["output_throughput"] > 0 and result["p99_ttft_ms"] >= result["median_ttft_ms"] > 0
+        kept = Path(result["result_file"])
+        assert kept.parent == served["home"] / "deployments" / served["id"] / "bench"
+        assert json.loads(kept.read_text())["completed"] == 8
+        assert kept.stat().st_mode & 0o077 == 0 and kept.parent.stat().st_mode & 0o077 == 0
+        log = kept.with_suffix(".log").read_text()
+        assert log.startswith("$ ") and " bench serve " in log.splitlines()[0], log[:300]
+        for text in (log, kept.read_text(), done.stdout, done.stderr):
+            assert served["key"] not in text
+        assert run_cli("wait", other, "--timeout", "240", env=served["env"], timeout=300).returncode == 0
+        compared = bench(served, served["id"], "--compare", other)
+        assert compared.returncode == 0, compared.stderr[-3000:]
+        print(compared.stdout)
+        assert f"{other} / {served['id']}" in compared.stdout, compared.stdout
+        row = next(line for line in compared.stdout.splitlines() if "output tokens/s" in line)
+        cells = [cell.strip() for cell in row.split("│")[2:-1]]
+        assert len(cells) == 3 and float(cells[0]) > 0 and float(cells[1]) > 0, row
+        assert abs(float(cells[2]) - float(cells[1]) / float(cells[0])) < 0.01, row
+        assert len(list((served["home"] / "deployments" / other / "bench").glob("*.json"))) == 1
+    finally:
+        run_cli("cancel", other, env=served["env"])
+    wait_for(lambda: other not in squeue_ids(cluster), 30, "the second deployment to end")
