@@ -231,6 +231,17 @@ def cmd_smoke(ns: Args, vllm_args: list[str]) -> int:
     return 1 if any(r.ok is False for r in results) else 0
 
 
+def cmd_fetch(ns: Args, vllm_args: list[str]) -> int:
+    from ..client.fetch import fetch
+
+    hf_home = ns.hf_home or _client_settings(ns.profile)["hf_home"]
+    done = fetch(ns.model, hf_home=hf_home, revision=ns.revision, all_files=ns.all_files)
+    print(done.folder)
+    where = f" --hf-home {done.hf_home}" if done.hf_home else ""
+    print(f"in the cache; serve it with: hpc-serve submit {done.model}{where} --offline ...", file=sys.stderr)
+    return 0
+
+
 def cmd_bench(ns: Args, vllm_args: list[str]) -> int:
     from ..client.bench import Load, run_bench
 
@@ -290,5 +301,5 @@ def cmd_demo(ns: Args, vllm_args: list[str]) -> int:
 HANDLERS = {
     "render": cmd_render, "plan": cmd_plan, "submit": cmd_submit, "wait": cmd_wait, "status": cmd_status,
     "list": cmd_status, "endpoint": cmd_endpoint, "tunnel": cmd_tunnel, "smoke": cmd_smoke,
-    "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
+    "fetch": cmd_fetch, "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
 }

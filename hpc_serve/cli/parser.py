@@ -122,6 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--url", help="base URL to test instead (e.g. a tunnel's http://127.0.0.1:P/v1)")
     smoke.add_argument("--json", action="store_true", help="machine-readable results")
 
+    fetch = sub.add_parser("fetch", help="download a model from the Hugging Face hub into the cache the jobs read")
+    fetch.add_argument("model", metavar="MODEL", help="hub id, e.g. Qwen/Qwen2.5-7B-Instruct")
+    fetch.add_argument("--revision", help="branch, tag or commit (default: main)")
+    fetch.add_argument("--hf-home", metavar="DIR",
+                       help="the Hugging Face cache every node reads (default: hf_home from config, else HF_HOME)")
+    fetch.add_argument("--all-files", action="store_true",
+                       help="also the files vLLM does not load (original/, .pth, .gguf, .onnx, ...)")
+    fetch.add_argument("--profile", help="named profile (for hf_home)")
+
     bench = sub.add_parser("bench", help="run vLLM's benchmark (vllm bench serve) against a READY deployment; "
                                          "flags after -- go to it")
     _id(bench)

@@ -72,8 +72,8 @@ def model_problem(where: str, model: str, environ: Mapping[str, str]) -> str | N
         folder = hub_snapshot(model, environ) or ""
         if not folder:
             return (f"{model} is not in the Hugging Face cache on {where} and the node is offline "
-                    "(HF_HUB_OFFLINE): download it where every node sees it (`huggingface-cli download`, "
-                    "HF_HOME on a shared filesystem), or pass the folder")
+                    "(HF_HUB_OFFLINE): fetch it into a cache every node sees (`hpc-serve fetch MODEL "
+                    "--hf-home DIR`, then submit with --hf-home DIR --offline), or pass the folder")
     else:
         return None
     config = os.path.join(folder, "config.json")

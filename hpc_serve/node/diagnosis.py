@@ -42,8 +42,8 @@ def _known(key: str, pattern: str, happened: str, change: str) -> KnownError:
 _MORE_GPUS = "spread the model over more GPUs (--tp, --pp)"
 _NETWORK = ("pass --network with the interface the nodes reach each other on (it sets NCCL_SOCKET_IFNAME "
             "and GLOO_SOCKET_IFNAME), and check that no firewall blocks ports between the nodes")
-_DOWNLOAD = ("download it first on a login node (hf download MODEL) into an HF_HOME every node reads, then "
-             "submit with --env HF_HOME=... --env HF_HUB_OFFLINE=1, or pass the model's local folder")
+_DOWNLOAD = ("fetch it first on a login node into a cache every node reads (hpc-serve fetch MODEL --hf-home DIR), "
+             "then submit with --hf-home DIR --offline, or pass the model's local folder")
 
 #: Matched in this order when one line fits several; across lines, the first line that fits wins.
 CATALOGUE: tuple[KnownError, ...] = (

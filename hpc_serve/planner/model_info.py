@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from typing import Mapping
 
 from ..errors import HpcServeError
@@ -37,6 +38,13 @@ def check_moe(model: str) -> None:
             f"(its config.json has none of {', '.join(_EXPERT_KEYS)}).",
             "Drop --ep for dense models; use --tp/--pp/--dp instead.",
         )
+
+
+def is_hub_id(model: str) -> bool:
+    """``model`` names a Hugging Face repository (organisation/name), not a folder of this machine."""
+    if model.startswith(("/", ".", "~")) or os.path.exists(model):
+        return False
+    return re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", model) is not None
 
 
 def hub_snapshot(model: str, environ: Mapping[str, str]) -> str | None:

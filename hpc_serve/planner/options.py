@@ -255,6 +255,10 @@ OPTIONS: tuple[Option, ...] = (
            "or a CIDR (10.1.0.0/16); default: the route to node 0", _SETUP, check=check_network),
     Option("cache_dir", "str", None, "vLLM's compile cache, shared by deployments "
            "(default: $VLLM_CACHE_ROOT, else ~/.cache/vllm)", _SETUP),
+    Option("hf_home", "str", None, "the Hugging Face cache every node reads: the job's HF_HOME, where "
+           "`hpc-serve fetch` downloads (default: HF_HOME as the job inherits it)", _SETUP),
+    Option("offline", "bool", False, "the compute nodes cannot reach the Hugging Face hub: the job gets "
+           "HF_HUB_OFFLINE=1 and a hub model must be fetched first (hpc-serve fetch)", _SETUP),
     Option("api_key", "bool", True, "serve without the generated API key (warns)", _SETUP),
     Option("open_metrics", "bool", False, "let /metrics answer without the key (for a site's Prometheus)",
            _SETUP),

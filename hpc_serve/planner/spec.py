@@ -7,12 +7,13 @@ options (layout, MoE, renewal, pass-through vLLM flags) are here and in planner/
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 from ..errors import HpcServeError
 from .layout import Layout, resolve_layout
-from .model_info import check_moe
+from .model_info import check_moe, hub_snapshot, is_hub_id
 from .options import BY_NAME, DEFAULT_ALL2ALL, OPTIONS, check_network, parse_env, parse_time
 
 __all__ = ["DeploymentSpec", "build_spec", "check_network", "parse_env", "parse_time", "spec_from_options"]
@@ -52,6 +53,8 @@ class DeploymentSpec:
     renew_before: int = 30
     network: str | None = None
     cache_dir: str | None = None
+    hf_home: str | None = None
+    offline: bool = False
     open_metrics: bool = False
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -140,6 +143,8 @@ def build_spec(
     renew_before: int = 30,
     network: str | None = None,
     cache_dir: str | None = None,
+    hf_home: str | None = None,
+    offline: bool = False,
     open_metrics: bool = False,
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
@@ -165,7 +170,7 @@ def spec_from_options(options: Mapping[str, Any], *, on_node: bool = False) -> D
     for option in OPTIONS:
         if not option.in_layout and option.name != "model" and (option.checked_on_node or not on_node):
             option.validate(values[option.name])
-    return _cross_checked(values, str(model).strip(), layout)
+    return _cross_checked(values, str(model).strip(), layout, on_node)
 
 
 def _check_renewal(time: str | None, renew_before: int) -> None:
@@ -178,9 +183,37 @@ def _check_renewal(time: str | None, renew_before: int) -> None:
             "Give the minutes a successor needs to queue and load, e.g. --renew-before 30.")
 
 
-def _cross_checked(values: dict[str, Any], model: str, layout: Layout) -> DeploymentSpec:
+def _hub_env(values: dict[str, Any], env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """``env`` plus HF_HOME (``hf_home``) and HF_HUB_OFFLINE=1 (``offline``), unless --env set them."""
+    given = {key for key, _ in env}
+    extra = []
+    if values["hf_home"] and "HF_HOME" not in given:
+        extra.append(("HF_HOME", values["hf_home"]))
+    if values["offline"] and "HF_HUB_OFFLINE" not in given:
+        extra.append(("HF_HUB_OFFLINE", "1"))
+    return env + tuple(extra)
+
+
+def _check_fetched(model: str, env: tuple[tuple[str, str], ...]) -> None:
+    """With offline nodes, a hub model must already be in the cache the job reads."""
+    if not is_hub_id(model):
+        return
+    hf_home = dict(env).get("HF_HOME") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    if hub_snapshot(model, {"HF_HOME": os.path.expanduser(hf_home)}) is None:
+        raise HpcServeError(
+            f"{model} is not in the Hugging Face cache at {hf_home}, and the nodes are offline (--offline).",
+            f"Fetch it first, where the hub is reachable: hpc-serve fetch {model} --hf-home {hf_home}")
+
+
+def _cross_checked(values: dict[str, Any], model: str, layout: Layout, on_node: bool = False) -> DeploymentSpec:
     """The checks that span options, then the spec."""
     from .vllm_args import check_passthrough  # local: one-way imports
+
+    if values["hf_home"]:
+        values = {**values, "hf_home": os.path.abspath(os.path.expanduser(values["hf_home"]))}
+    env = _hub_env(values, parse_env(values["env"]))
+    if values["offline"] and not on_node:
+        _check_fetched(model, env)
 
     if layout.ep:
         check_moe(model)
@@ -191,5 +224,5 @@ def _cross_checked(values: dict[str, Any], model: str, layout: Layout) -> Deploy
     if not values["api_key"]:
         warnings += ("--no-api-key: anyone who can reach the node's address can use this endpoint.",)
     fields = {option.name: values[option.name] for option in OPTIONS if option.in_spec and not option.in_layout}
-    fields.update(model=model, env=parse_env(values["env"]), setup=tuple(values["setup"]), vllm_args=vllm_args)
+    fields.update(model=model, env=env, setup=tuple(values["setup"]), vllm_args=vllm_args)
     return DeploymentSpec(layout=layout, warnings=warnings, **fields)

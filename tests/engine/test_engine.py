@@ -141,6 +141,50 @@ def test_single_node_serves_the_openai_api(cluster, home, vllm_env):
     cancel_clean(cluster, home, job_id, 1)
 
 
+def fetched_cache(root: Path, model_dir: str, name: str) -> Path:
+    """``model_dir`` as `hpc-serve fetch` leaves a hub model: ``name``'s snapshot in ``root``'s hub cache."""
+    repo = root / "hub" / f"models--{name.replace('/', '--')}"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.copytree(model_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return root
+
+
+def test_offline_nodes_serve_a_hub_model_from_the_fetched_cache_and_refuse_one_not_fetched(cluster, home, vllm_env):
+    pytest.importorskip("openai")
+    empty = Path(cluster.shared_dir) / "hf-empty"
+    refused = run_cli("submit", "hpc-serve-test/tiny-qwen2", "--gpus-per-node", "1", "--offline", "--hf-home",
+                      str(empty), "--engine-cmd", vllm_env.engine_cmd)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "not in the Hugging Face cache" in refused.stderr and "hpc-serve fetch hpc-serve-test/tiny-qwen2" in refused.stderr
+    assert squeue_ids(cluster) == [] and not (home / "deployments").exists()  # nothing queued, nothing recorded
+    hf_home = fetched_cache(Path(cluster.shared_dir) / "hf", vllm_env.model, "hpc-serve-test/tiny-qwen2")
+    done = run_cli("submit", "hpc-serve-test/tiny-qwen2", "--gpus-per-node", "1", "--offline", "--hf-home",
+                   str(hf_home), "--engine-cmd", vllm_env.engine_cmd, "--env", "VLLM_CPU_KVCACHE_SPACE=1",
+                   "--timeout", "240", *VLLM_ARGS, "--enforce-eager", timeout=400)
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[1]
+    import openai
+
+    client = openai.OpenAI(base_url=endpoint(job_id), api_key=api_key(home, job_id))
+    assert [m.id for m in client.models.list().data] == ["hpc-serve-test/tiny-qwen2"]
+    answer = client.completions.create(model="hpc-serve-test/tiny-qwen2", prompt="Hi", max_tokens=3)
+    assert answer.usage.completion_tokens == 3
+    engines = []  # the vLLM server on the node (one PID space): offline, reading the fetched cache
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            words = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"serve" in words and b"hpc-serve-test/tiny-qwen2" in words:
+                engines.append(dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes()
+                                    .decode(errors="replace").split("\0") if "=" in item))
+        except OSError:
+            continue
+    assert engines and all(e.get("HF_HUB_OFFLINE") == "1" and e.get("HF_HOME") == str(hf_home) for e in engines)
+    cancel_clean(cluster, home, job_id, 1)
+
+
 def test_pipeline_parallel_across_two_nodes(cluster, home, vllm_env):
     openai = pytest.importorskip("openai")
     # PP must run without --enforce-eager on the CPU build (see docs/engine.md).

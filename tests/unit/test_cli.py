@@ -39,7 +39,7 @@ def test_help_lists_the_contract():
     listed = [line.split()[0] for line in done.stdout.split("positional arguments:")[1].split("options:")[0]
               .splitlines()[2:] if line.startswith("    ") and not line.startswith("     ")]
     assert listed == ["render", "plan", "submit", "wait", "status", "list", "endpoint", "tunnel", "smoke",
-                      "bench", "logs", "cancel", "demo", "config"]
+                      "fetch", "bench", "logs", "cancel", "demo", "config"]
 
 
 def test_render_help_shows_option_groups_from_the_options_table():

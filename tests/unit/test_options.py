@@ -104,8 +104,10 @@ FULL = dict(model="org/moe", gpus_per_node=4, nodes=4, tp=4, pp=2, dp=2, ep=True
             vllm_args=["--max-model-len", "512"], home="/shared/registry", python="/opt/py/bin/python3")
 
 
-def test_every_node_option_is_carried_and_comes_back_equal():
-    spec = build_spec(**FULL)
+def test_every_node_option_is_carried_and_comes_back_equal(tmp_path):
+    snapshot = tmp_path / "hf" / "hub" / "models--org--moe" / "snapshots" / "0123abc"  # fetched, as the hub lays it out
+    snapshot.mkdir(parents=True)
+    spec = build_spec(**FULL, hf_home=str(tmp_path / "hf"), offline=True)
     argv = to_node_args(spec)
     assert {o.name for o in NODE_OPTIONS} == {o.name for o in OPTIONS if o.in_spec} - {"model"}
     for option in NODE_OPTIONS:
