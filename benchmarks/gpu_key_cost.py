@@ -29,8 +29,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_serving import (FLAGS, HERE, Hand, HpcServe, gpu_memory_used_mib, load, probe, prompts,  # noqa: E402
-                         wait_free)
+from gpu_serving import (FLAGS, HERE, Hand, HpcServe, add_load_arguments, finish,  # noqa: E402
+                         gpu_memory_used_mib, one_round, warm_up, write_report)
 
 MIDDLEWARE = HERE.parent / "hpc_serve" / "vllm_auth.py"
 NAMES = {"hand": "`vllm serve` by hand (baseline)", "hand+key": "the same + hpc-serve's key middleware",
@@ -118,17 +118,9 @@ def measure(args) -> None:
         result["processes"] = {n: {k: v for k, v in r.items() if k != "environ"} for n, r in runs.items()}
         result["environment"] = compare_environments(runs)
         save()
-        for server in servers.values():  # warm-up: the first requests after a start are slow
-            load(server, args.model, args.clients, prompts(999, args.clients, args.input), 8)
-            probe(server, args.model, prompts(998, 4, args.input))
-        names = tuple(servers)
+        warm_up(servers, args)
         for index in range(args.rounds):
-            order = names[index % len(names):] + names[:index % len(names)]
-            batch, few = prompts(index, args.requests, args.input), prompts(10_000 + index, args.probe, args.input)
-            measured = {}
-            for name in order:
-                measured[name] = probe(servers[name], args.model, few)
-                measured[name].update(load(servers[name], args.model, args.clients, batch, args.output))
+            measured = one_round(servers, args, index)
             result["rounds"].append(measured)
             save()
             base = measured["hand"]
@@ -138,10 +130,7 @@ def measure(args) -> None:
     finally:
         for server in servers.values():
             server.stop()
-    wait_free(result["idle_mib"])
-    result["after_mib"] = gpu_memory_used_mib()
-    result["complete"] = True
-    save()
+    finish(result, save)
 
 
 def report(folder: Path) -> tuple[str, dict]:
@@ -182,20 +171,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
     parser.add_argument("--out")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--clients", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--probe", type=int, default=32)
-    parser.add_argument("--input", type=int, default=256)
-    parser.add_argument("--output", type=int, default=128)
+    add_load_arguments(parser, rounds=15, requests=600)
     parser.add_argument("--report", metavar="DIR")
     args = parser.parse_args()
     if args.report:
-        text, data = report(Path(args.report))
-        print(text)
-        (HERE / "results" / "gpu_key_cost.md").write_text(text)
-        (HERE / "results" / "gpu_key_cost.json").write_text(json.dumps(data, indent=2) + "\n")
-        return 0
+        return write_report("gpu_key_cost", *report(Path(args.report)))
     if not (args.model and args.out):
         parser.error("--model and --out are needed (or --report DIR)")
     started = time.time()

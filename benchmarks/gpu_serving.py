@@ -216,6 +216,35 @@ def probe(server, model: str, batch: list[list[int]]) -> dict:
     return {"probe_ttft_ms": statistics.median(ttfts), "probe_ttft_all_ms": [round(t, 2) for t in ttfts]}
 
 
+def warm_up(servers: dict, args) -> None:
+    """A few requests to each server: the first requests after a start are slow."""
+    for server in servers.values():
+        load(server, args.model, args.clients, prompts(999, args.clients, args.input), 8)
+        probe(server, args.model, prompts(998, 4, args.input))
+
+
+def one_round(servers: dict, args, index: int) -> dict:
+    """Round ``index``: each server in turn (the order rotates), the probe then the load, the same
+    prompts for all (new ones each round: no prefix-cache hits across rounds)."""
+    names = tuple(servers)
+    order = names[index % len(names):] + names[:index % len(names)]
+    batch = prompts(index, args.requests, args.input)
+    few = prompts(10_000 + index, args.probe, args.input)
+    measured = {}
+    for name in order:
+        measured[name] = probe(servers[name], args.model, few)
+        measured[name].update(load(servers[name], args.model, args.clients, batch, args.output))
+    return measured
+
+
+def finish(result: dict, save) -> None:
+    """After the servers stopped: wait for the GPU memory to be free again, record it, save."""
+    wait_free(result["idle_mib"])
+    result["after_mib"] = gpu_memory_used_mib()
+    result["complete"] = True
+    save()
+
+
 def make(variant: str, model: str, cache: str, home: str, out: Path, phase: str):
     return Hand(model, cache, 28000, out, phase) if variant == "hand" else HpcServe(model, cache, variant, home, out, phase)
 
@@ -261,19 +290,10 @@ def phase(args) -> dict:
                 result["timings"][variant] = servers[variant].timings()
                 print(f"warm {variant}: READY after {result['ready_s'][variant]:.1f} s", flush=True)
                 save()
-            for server in servers.values():  # warm-up: the first requests after a start are slow
-                load(server, args.model, args.clients, prompts(999, args.clients, args.input), 8)
-                probe(server, args.model, prompts(998, 4, args.input))
+            warm_up(servers, args)
             result["rounds"] = []
             for index in range(args.rounds):
-                names = tuple(servers)
-                order = names[index % len(names):] + names[:index % len(names)]
-                batch = prompts(index, args.requests, args.input)
-                few = prompts(10_000 + index, args.probe, args.input)
-                measured = {}
-                for v in order:
-                    measured[v] = probe(servers[v], args.model, few)
-                    measured[v].update(load(servers[v], args.model, args.clients, batch, args.output))
+                measured = one_round(servers, args, index)
                 result["rounds"].append(measured)
                 save()
                 print(f"round {index + 1}: " + "; ".join(
@@ -282,10 +302,7 @@ def phase(args) -> dict:
         finally:
             for server in servers.values():
                 server.stop()
-    wait_free(result["idle_mib"])
-    result["after_mib"] = gpu_memory_used_mib()
-    result["complete"] = True
-    save()
+    finish(result, save)
     return result
 
 
@@ -384,26 +401,35 @@ def report(folder: Path) -> tuple[str, dict]:
     return "\n".join(lines) + "\n", combined
 
 
+def add_load_arguments(parser: argparse.ArgumentParser, rounds: int, requests: int) -> None:
+    """The load's flags, shared by the GPU benchmarks: rounds, clients, requests, probe, lengths."""
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--clients", type=int, default=128)
+    parser.add_argument("--requests", type=int, default=requests)
+    parser.add_argument("--probe", type=int, default=32, help="sequential requests of the low-load TTFT probe")
+    parser.add_argument("--input", type=int, default=256)
+    parser.add_argument("--output", type=int, default=128)
+
+
+def write_report(name: str, text: str, data: dict) -> int:
+    """Print the report and write benchmarks/results/<name>.{md,json}."""
+    print(text)
+    (HERE / "results" / f"{name}.md").write_text(text)
+    (HERE / "results" / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model")
     parser.add_argument("--phase", choices=("cold", "warm"))
     parser.add_argument("--out", default=str(HERE / "results" / "gpu"))
-    parser.add_argument("--rounds", type=int, default=9)
-    parser.add_argument("--clients", type=int, default=128)
-    parser.add_argument("--requests", type=int, default=1200)
-    parser.add_argument("--probe", type=int, default=32, help="sequential requests of the low-load TTFT probe")
-    parser.add_argument("--input", type=int, default=256)
-    parser.add_argument("--output", type=int, default=128)
+    add_load_arguments(parser, rounds=9, requests=1200)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--report", metavar="DIR", help="combine DIR's two phases into results/gpu_serving.{md,json}")
     args = parser.parse_args()
     if args.report:
-        text, combined = report(Path(args.report))
-        print(text)
-        (HERE / "results" / "gpu_serving.md").write_text(text)
-        (HERE / "results" / "gpu_serving.json").write_text(json.dumps(combined, indent=2) + "\n")
-        return 0
+        return write_report("gpu_serving", *report(Path(args.report)))
     if not (args.model and args.phase):
         parser.error("--model and --phase are needed (or --report DIR)")
     phase(args)
