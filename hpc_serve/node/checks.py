@@ -1,6 +1,6 @@
-"""What one node checks about itself before any engine starts: the GPUs Slurm gave, the model,
-free space where the caches and temp files go, /dev/shm, and temp paths short enough for Unix
-sockets. Each check returns a problem (one line naming the node and the fix) or None, and the
+"""What one node checks about itself before any engine starts: the GPUs Slurm gave and that no
+other process holds the memory vLLM will ask of them, the model, free space where the caches and
+temp files go, /dev/shm, and temp paths short enough for Unix sockets. Each check returns a problem (one line naming the node and the fix) or None, and the
 figures it read go into the node's preflight record. Stdlib only; milliseconds.
 """
 
@@ -26,6 +26,10 @@ SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, 72
 #: The files a model folder holds its weights in.
 WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+#: vLLM's default share of each GPU's memory (``--gpu-memory-utilization``).
+DEFAULT_GPU_SHARE = 0.9
+GPU_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,memory.used,memory.total", "--format=csv,noheader,nounits"]
+HOLDERS_QUERY = ["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory", "--format=csv,noheader,nounits"]
 
 
 def gpu_problem(where: str, per_node: int, environ: Mapping[str, str]) -> str | None:
@@ -44,15 +48,67 @@ def gpu_problem(where: str, per_node: int, environ: Mapping[str, str]) -> str | 
     return None
 
 
-def nvidia_gpus() -> int | None:
-    """How many GPUs `nvidia-smi -L` lists on this node (None: no nvidia-smi, or it failed)."""
-    if shutil.which("nvidia-smi") is None:
+def gpu_share(vllm_args: tuple[str, ...] | list[str]) -> float:
+    """The share of each GPU's memory vLLM will ask for: ``--gpu-memory-utilization``, else 0.9."""
+    args = list(vllm_args)
+    for i, word in enumerate(args):
+        value = word.split("=", 1)[1] if word.startswith("--gpu-memory-utilization=") else \
+            args[i + 1] if word == "--gpu-memory-utilization" and i + 1 < len(args) else None
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return DEFAULT_GPU_SHARE
+    return DEFAULT_GPU_SHARE
+
+
+def _csv_rows(text: str, fields: int) -> list[list[str]]:
+    rows = [[cell.strip() for cell in line.split(",")] for line in text.splitlines() if line.strip()]
+    return [row for row in rows if len(row) == fields]
+
+
+def gpu_memory_problems(where: str, visible: str | None, share: float, gpus_text: str,
+                        holders_text: str = "") -> tuple[list[str], list[float]]:
+    """The GPUs of this job (``visible``: CUDA_VISIBLE_DEVICES, indices or UUIDs; None: all) whose
+    free memory is less than vLLM will ask for (``share`` of each), as vLLM's own start-up check
+    would find a minute later; and each one's free GiB. From nvidia-smi's CSV (GPU_QUERY and
+    HOLDERS_QUERY); a device nvidia-smi does not list (a MIG instance) is not checked."""
+    wanted = None if visible is None else {d.strip() for d in visible.split(",") if d.strip()}
+    holders: dict[str, list[str]] = {}
+    for uuid, pid, used in _csv_rows(holders_text, 3):
+        holders.setdefault(uuid, []).append(f"pid {pid} ({used} MiB)")
+    problems, free_gib = [], []
+    for index, uuid, used, total in _csv_rows(gpus_text, 4):
+        if wanted is not None and index not in wanted and uuid not in wanted:
+            continue
+        try:
+            free, size = (float(total) - float(used)) / 1024, float(total) / 1024
+        except ValueError:
+            continue
+        free_gib.append(round(free, 2))
+        if free < share * size:
+            held = f" ({', '.join(holders[uuid])})" if holders.get(uuid) else ""
+            problems.append(f"GPU {index} on {where} has {free:.1f} of {size:.1f} GiB free, and vLLM will ask for "
+                            f"{share * size:.1f} GiB (--gpu-memory-utilization {share:g}): another process holds "
+                            f"it{held}. End it (nvidia-smi shows it), or pass a lower -- --gpu-memory-utilization")
+    return problems, free_gib
+
+
+def nvidia_smi(args: list[str]) -> str | None:
+    """nvidia-smi's output for ``args`` (None: no nvidia-smi, or it failed)."""
+    if shutil.which(args[0]) is None:
         return None
     try:
-        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return sum(line.startswith("GPU ") for line in done.stdout.splitlines()) if done.returncode == 0 else None
+    return done.stdout if done.returncode == 0 else None
+
+
+def nvidia_gpus() -> int | None:
+    """How many GPUs `nvidia-smi -L` lists on this node (None: no nvidia-smi, or it failed)."""
+    listed = nvidia_smi(["nvidia-smi", "-L"])
+    return None if listed is None else sum(line.startswith("GPU ") for line in listed.splitlines())
 
 
 def is_local_path(model: str) -> bool:
@@ -133,4 +189,12 @@ def node_checks(spec: DeploymentSpec, where: str, tmp_dir: str, cache_root: str,
     space, figures = space_problems(where, {"cache": (cache_root, MIN_CACHE_FREE), "tmp": (tmp_dir, MIN_TMP_FREE),
                                             "shm": ("/dev/shm", MIN_SHM_FREE)})
     figures["gpus"] = seen if seen is not None else env.get("CUDA_VISIBLE_DEVICES")
+    gpus_text = nvidia_smi(GPU_QUERY) if seen else None
+    if gpus_text:
+        share = gpu_share(spec.vllm_args)
+        held, figures["gpu_free_gib"] = gpu_memory_problems(where, env.get("CUDA_VISIBLE_DEVICES"), share, gpus_text)
+        if held:  # ask again, now with the processes that hold them
+            held, _ = gpu_memory_problems(where, env.get("CUDA_VISIBLE_DEVICES"), share, gpus_text,
+                                          nvidia_smi(HOLDERS_QUERY) or "")
+        problems += held
     return problems + space, figures

@@ -91,13 +91,14 @@ def holding_gpu_memory(fraction: float) -> subprocess.Popen:
     ("no-kv-cache-memory", ["--gpu-memory-utilization", "0.006"],
      "no memory was left for the KV cache once the weights were loaded"),
     ("cuda-out-of-memory", ["--kv-cache-memory-bytes", str(400 * GiB)], "CUDA ran out of GPU memory"),
-    ("gpu-memory-taken", ["--gpu-memory-utilization", "0.5"], "only "),
+    ("gpu-memory-taken", ["--gpu-memory-utilization", "0.5"], "only "),  # vLLM's words: the preflight is off
 ], ids=["kv-cache-too-small", "no-kv-cache-memory", "cuda-out-of-memory", "gpu-memory-taken"])
 def test_a_deployment_that_fails_on_the_gpu_says_what_to_change(idle_gpu, tmp_path, key, vllm_args, says):
     holder = holding_gpu_memory(0.7) if key == "gpu-memory-taken" else None
     try:
         done = run_cli("submit", MODEL, "--executor", "local", "--gpus-per-node", "1", "--launcher", "mp",
                        "--engine-cmd", ENGINE, "--cache-dir", str(tmp_path / "cache"), "--timeout", "400",
+                       *(["--no-preflight"] if holder else []),
                        "--", "--max-model-len", "2048", "--enforce-eager", *vllm_args, timeout=460)
     finally:
         if holder:
@@ -114,6 +115,28 @@ def test_a_deployment_that_fails_on_the_gpu_says_what_to_change(idle_gpu, tmp_pa
     hit = find_known(lines)
     assert hit is not None and hit[0].key == key, (key, hit and hit[0].key, lines[-5:])
     assert diagnose(lines) in first
+
+
+def test_the_preflight_finds_a_gpu_another_process_holds_before_vllm_starts(idle_gpu, tmp_path):
+    holder = holding_gpu_memory(0.7)
+    try:
+        started = time.monotonic()
+        done = run_cli("submit", MODEL, "--executor", "local", "--gpus-per-node", "1", "--launcher", "mp",
+                       "--engine-cmd", ENGINE, "--timeout", "400", "--", "--max-model-len", "2048",
+                       "--gpu-memory-utilization", "0.5", timeout=460)
+        took = time.monotonic() - started
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    assert done.returncode != 0, done.stdout
+    (job_id,) = [path.name for path in (idle_gpu / "deployments").iterdir()]
+    state = read_state(idle_gpu, job_id)
+    assert state["phase"] == "FAILED" and "preflight" in state["reason"], state["reason"]
+    assert re.search(r"GPU 0 on node 0 \(\S+\) has \d+\.\d of \d+\.\d GiB free, and vLLM will ask for", state["reason"])
+    assert f"pid {holder.pid} (" in state["reason"], state["reason"]
+    log = (idle_gpu / "deployments" / job_id / "logs" / "node-0.log").read_text()
+    assert "EngineCore" not in log, log[-2000:]  # no engine started: seconds, not vLLM's minute
+    print(f"preflight caught the held GPU {took:.1f} s after submit")
 
 
 def free_port() -> int:

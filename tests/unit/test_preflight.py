@@ -162,3 +162,32 @@ def test_a_record_is_described_in_a_few_words():
     assert describe({"took_s": 0.01}) == "0.01 s"
     assert describe({"took_s": 0.5, "unreached": [{}, {}], "all_reduce": {"skipped": "no torch in /py"}}) == \
         "0.50 s, 2 port(s) of other nodes unreachable, all-reduce skipped: no torch in /py"
+
+
+#: nvidia-smi's answers on a node with two H200s, GPU 1 mostly held by another job's process.
+GPUS_CSV = ("0, GPU-1c2d0c1e-aaaa-bbbb-cccc-000000000000, 1, 143771\n"
+            "1, GPU-9f8e7d6c-aaaa-bbbb-cccc-111111111111, 100864, 143771\n")
+HOLDERS_CSV = "GPU-9f8e7d6c-aaaa-bbbb-cccc-111111111111, 4242, 100850\n"
+
+
+@pytest.mark.parametrize("args, share", [((), 0.9), (("--gpu-memory-utilization", "0.5"), 0.5),
+                                         (("--max-model-len", "512", "--gpu-memory-utilization=0.3"), 0.3)])
+def test_the_share_of_gpu_memory_vllm_will_ask_for(args, share):
+    from hpc_serve.node.checks import gpu_share
+
+    assert gpu_share(args) == share
+
+
+def test_a_gpu_another_process_holds_fails_the_node_naming_the_process():
+    from hpc_serve.node.checks import gpu_memory_problems
+
+    problems, free = gpu_memory_problems(WHERE, "0,1", 0.9, GPUS_CSV, HOLDERS_CSV)
+    assert free == [140.4, 41.9]
+    assert problems == [f"GPU 1 on {WHERE} has 41.9 of 140.4 GiB free, and vLLM will ask for 126.4 GiB "
+                        "(--gpu-memory-utilization 0.9): another process holds it (pid 4242 (100850 MiB)). End it "
+                        "(nvidia-smi shows it), or pass a lower -- --gpu-memory-utilization"]
+    assert gpu_memory_problems(WHERE, "0,1", 0.25, GPUS_CSV)[0] == []  # 0.25 of 140 GiB fits in what is free
+    assert gpu_memory_problems(WHERE, "0", 0.9, GPUS_CSV)[0] == []  # not this job's GPU
+    by_uuid = gpu_memory_problems(WHERE, "GPU-9f8e7d6c-aaaa-bbbb-cccc-111111111111", 0.9, GPUS_CSV)[0]
+    assert len(by_uuid) == 1 and by_uuid[0].startswith(f"GPU 1 on {WHERE} has 41.9")
+    assert gpu_memory_problems(WHERE, "MIG-0f0f0f0f-aaaa", 0.9, GPUS_CSV) == ([], [])  # a MIG slice: not checked
