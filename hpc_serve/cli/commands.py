@@ -236,9 +236,12 @@ def cmd_fetch(ns: Args, vllm_args: list[str]) -> int:
 
     hf_home = ns.hf_home or _client_settings(ns.profile)["hf_home"]
     done = fetch(ns.model, hf_home=hf_home, revision=ns.revision, all_files=ns.all_files)
+    import shlex
+
     print(done.folder)
-    where = f" --hf-home {done.hf_home}" if done.hf_home else ""
-    print(f"in the cache; serve it with: hpc-serve submit {done.model}{where} --offline ...", file=sys.stderr)
+    where = f" --hf-home {shlex.quote(done.hf_home)}" if done.hf_home else ""
+    revision = f" -- --revision {shlex.quote(done.revision)}" if done.revision else ""
+    print(f"in the cache; serve it with: hpc-serve submit {done.model}{where} --offline ...{revision}", file=sys.stderr)
     return 0
 
 
@@ -249,8 +252,15 @@ def cmd_bench(ns: Args, vllm_args: list[str]) -> int:
     load = Load(input_len=ns.input_len, output_len=ns.output_len, prompts=ns.prompts, rate=ns.rate,
                 concurrency=ns.concurrency, chat=ns.chat, seed=ns.seed, extra=tuple(vllm_args))
     load.check()
+    keys = (ns.id, ns.compare) if ns.compare else (ns.id,)
+    if ns.compare:
+        from ..client import control
+
+        first, second = (control.endpoint(key, home)["id"] for key in keys)  # both READY, before minutes of load
+        if first == second:
+            raise HpcServeError(f"--compare {ns.compare} is deployment {first} itself.", "Compare two deployments.")
     runs = []
-    for key in (ns.id, ns.compare) if ns.compare else (ns.id,):
+    for key in keys:
         print(f"benchmarking {key}: {load.prompts} requests of {load.input_len} tokens in, {load.output_len} out",
               file=sys.stderr, flush=True)
         runs.append(run_bench(key, load, home, vllm_cmd=ns.vllm_cmd, tokenizer=ns.tokenizer, echo=not ns.json))

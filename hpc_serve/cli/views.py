@@ -219,11 +219,11 @@ def bench_table(runs: list[Any]) -> None:
         table.add_column(run.id, justify="right")
     if len(runs) == 2:
         table.add_column(f"{runs[1].id} / {runs[0].id}", justify="right")
-    values = [dict(shown_rows(run.result)) for run in runs]
-    for label, _ in shown_rows({**runs[-1].result, **runs[0].result}):
-        cells = [v.get(label, "") for v in values]
+    values = [{label: (text, value) for label, text, value in shown_rows(run.result)} for run in runs]
+    for label, _, _ in shown_rows({**runs[-1].result, **runs[0].result}):
+        cells = [v.get(label, ("", 0.0))[0] for v in values]
         if len(runs) == 2:
-            a, b = (float(c) if c else 0.0 for c in cells)
+            a, b = (v.get(label, ("", 0.0))[1] for v in values)
             cells.append(f"{b / a:.3f}" if a else "")
         table.add_row(label, *cells)
     console().print(table)

@@ -66,12 +66,24 @@ class Load:
         if self.concurrency is not None and self.concurrency < 1:
             raise HpcServeError(f"--concurrency must be at least 1 (got {self.concurrency}).",
                                 "Leave it out for no limit.")
-        taken = {"--base-url", "--host", "--port", "--model", "--save-result", "--result-dir", "--result-filename"}
-        clash = sorted(word.split("=")[0] for word in self.extra if word.split("=")[0] in taken)
+        clash = sorted(word.split("=")[0] for word in self.extra if _takes(word))
         if clash:
             raise HpcServeError(f"{', '.join(clash)} after -- would override what hpc-serve sets.",
                                 "Leave them out: the deployment gives the address and model, the registry keeps "
                                 "the result.")
+
+
+#: `vllm bench serve`'s flags that hpc-serve sets: none of them may come after --.
+TAKEN = ("--base-url", "--host", "--port", "--model", "--served-model-name", "--save-result", "--append-result",
+         "--result-dir", "--result-filename", "--endpoint", "--backend")
+
+
+def _takes(word: str) -> bool:
+    """``word`` is one of TAKEN as vLLM's parser reads it (``_`` for ``-``, a prefix of one)."""
+    if not word.startswith("--") or word == "--":
+        return False
+    name = word.split("=", 1)[0].replace("_", "-")
+    return len(name) > 3 and any(flag.startswith(name) for flag in TAKEN)
 
 
 @dataclass(frozen=True)
@@ -148,13 +160,15 @@ def run_bench(key: str, load: Load, home: str | None = None, vllm_cmd: str | Non
     vllm = vllm_command(dep.spec, vllm_cmd)
     folder = dep.file(BENCH)
     os.makedirs(folder, mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    now = time.time()
+    stamp = f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}.{int(now * 1e6) % 1_000_000:06d}"
     name, log_file = f"{stamp}.json", os.path.join(folder, f"{stamp}.log")
     base_url = data["url"].removesuffix("/").removesuffix("/v1")
     argv = bench_argv(vllm, base_url, data["served_model"], _tokenizer(dep.spec, data["served_model"], tokenizer),
                       load, folder, name)
-    env = {**os.environ, "OPENAI_API_KEY": dep.api_key}
-    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    hub = {k: v for k, v in dep.spec.get("env", ()) if k in ("HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    env = {**hub, **os.environ, "OPENAI_API_KEY": dep.api_key}  # the tokenizer from the job's cache unless set here
+    fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as log:
         log.write(f"$ {shlex.join(argv)}\n".encode())
         try:
@@ -167,7 +181,11 @@ def run_bench(key: str, load: Load, home: str | None = None, vllm_cmd: str | Non
             code = process.wait()
         except KeyboardInterrupt:
             process.terminate()
-            process.wait(30)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             raise
     result_file = os.path.join(folder, name)
     result = read_json(result_file, None) if os.path.exists(result_file) else None
@@ -178,11 +196,11 @@ def run_bench(key: str, load: Load, home: str | None = None, vllm_cmd: str | Non
     return BenchRun(data["id"], data["url"], result, result_file, log_file)
 
 
-def shown_rows(result: dict[str, Any]) -> list[tuple[str, str]]:
-    """(label, value) of the table's rows that the result has."""
+def shown_rows(result: dict[str, Any]) -> list[tuple[str, str, float]]:
+    """(label, shown value, value) of the table's rows that the result has."""
     rows = []
     for label, field, form in SHOWN:
         value = result.get(field)
         if isinstance(value, (int, float)):
-            rows.append((label, form.format(value)))
+            rows.append((label, form.format(value), float(value)))
     return rows

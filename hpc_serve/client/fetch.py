@@ -44,7 +44,7 @@ def fetch(model: str, hf_home: str | None = None, revision: str | None = None, a
                                             LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:
         raise HpcServeError("huggingface_hub is not installed: `hpc-serve fetch` downloads with it.", PIP_HINT) from None
-    where = hf_home or os.environ.get("HF_HOME") or "~/.cache/huggingface"
+    where = hf_home or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     try:
         folder = snapshot_download(model, revision=revision, cache_dir=hub_cache(hf_home),
                                    ignore_patterns=None if all_files else list(SKIPPED))
@@ -69,6 +69,13 @@ def fetch(model: str, hf_home: str | None = None, revision: str | None = None, a
         raise HpcServeError(f"The hub refused to send {model}: {str(exc).splitlines()[0]}",
                             "Try again later; downloads resume where they stopped.") from None
     except OSError as exc:
+        if exc.errno is None:  # a network error that is an OSError (older huggingface_hub: requests)
+            raise HpcServeError(f"Downloading {model} failed: {str(exc).splitlines()[0]}",
+                                "Run it again: the download resumes; behind a proxy, check HTTPS_PROXY.") from None
         raise HpcServeError(f"Cannot write {model} into {where}: {exc.strerror or exc}.",
                             "Choose a writable folder with room for the weights (--hf-home).") from None
+    except Exception as exc:  # noqa: BLE001 - the HTTP client's own errors (proxy, timeouts, a cut connection)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise HpcServeError(f"Downloading {model} failed: {type(exc).__name__}: {first}",
+                            "Run it again: the download resumes; behind a proxy, check HTTPS_PROXY.") from None
     return Fetched(model, revision, folder, hf_home)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..planner.model_info import hub_snapshot
 from ..planner.spec import DeploymentSpec
+from ..planner.vllm_parser import passed_value
 
 GIB, MIB = 1 << 30, 1 << 20
 #: Free space a start needs: the compile caches (vLLM's and torch's, kept between jobs), the
@@ -48,18 +49,18 @@ def gpu_problem(where: str, per_node: int, environ: Mapping[str, str]) -> str | 
     return None
 
 
-def gpu_share(vllm_args: tuple[str, ...] | list[str]) -> float:
-    """The share of each GPU's memory vLLM will ask for: ``--gpu-memory-utilization``, else 0.9."""
-    args = list(vllm_args)
-    for i, word in enumerate(args):
-        value = word.split("=", 1)[1] if word.startswith("--gpu-memory-utilization=") else \
-            args[i + 1] if word == "--gpu-memory-utilization" and i + 1 < len(args) else None
-        if value is not None:
-            try:
-                return float(value)
-            except ValueError:
-                return DEFAULT_GPU_SHARE
-    return DEFAULT_GPU_SHARE
+def gpu_share(vllm_args: tuple[str, ...] | list[str]) -> float | None:
+    """The share of each GPU's memory vLLM will ask for: ``--gpu-memory-utilization`` as vLLM reads
+    it, else 0.9; None where it cannot be known here (a --config file, a value vLLM will refuse)."""
+    if passed_value(list(vllm_args), "config") is not None:
+        return None
+    value = passed_value(list(vllm_args), "gpu_memory_utilization")
+    if value is None:
+        return DEFAULT_GPU_SHARE
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def _csv_rows(text: str, fields: int) -> list[list[str]]:
@@ -67,9 +68,10 @@ def _csv_rows(text: str, fields: int) -> list[list[str]]:
     return [row for row in rows if len(row) == fields]
 
 
-def gpu_memory_problems(where: str, visible: str | None, share: float, gpus_text: str,
-                        holders_text: str = "") -> tuple[list[str], list[float]]:
-    """The GPUs of this job (``visible``: CUDA_VISIBLE_DEVICES, indices or UUIDs; None: all) whose
+def gpu_memory_problems(where: str, visible: str | None, share: float, gpus_text: str, holders_text: str = "",
+                        per_node: int = 0) -> tuple[list[str], list[float]]:
+    """The GPUs of this job (``visible``: CUDA_VISIBLE_DEVICES, indices or UUIDs; None: the first
+    ``per_node``, which CUDA will use) whose
     free memory is less than vLLM will ask for (``share`` of each), as vLLM's own start-up check
     would find a minute later; and each one's free GiB. From nvidia-smi's CSV (GPU_QUERY and
     HOLDERS_QUERY); a device nvidia-smi does not list (a MIG instance) is not checked."""
@@ -78,7 +80,8 @@ def gpu_memory_problems(where: str, visible: str | None, share: float, gpus_text
     for uuid, pid, used in _csv_rows(holders_text, 3):
         holders.setdefault(uuid, []).append(f"pid {pid} ({used} MiB)")
     problems, free_gib = [], []
-    for index, uuid, used, total in _csv_rows(gpus_text, 4):
+    rows = _csv_rows(gpus_text, 4)
+    for index, uuid, used, total in rows if wanted is not None else rows[:per_node]:
         if wanted is not None and index not in wanted and uuid not in wanted:
             continue
         try:
@@ -189,12 +192,12 @@ def node_checks(spec: DeploymentSpec, where: str, tmp_dir: str, cache_root: str,
     space, figures = space_problems(where, {"cache": (cache_root, MIN_CACHE_FREE), "tmp": (tmp_dir, MIN_TMP_FREE),
                                             "shm": ("/dev/shm", MIN_SHM_FREE)})
     figures["gpus"] = seen if seen is not None else env.get("CUDA_VISIBLE_DEVICES")
-    gpus_text = nvidia_smi(GPU_QUERY) if seen else None
-    if gpus_text:
-        share = gpu_share(spec.vllm_args)
-        held, figures["gpu_free_gib"] = gpu_memory_problems(where, env.get("CUDA_VISIBLE_DEVICES"), share, gpus_text)
+    share = gpu_share(spec.vllm_args)
+    gpus_text = nvidia_smi(GPU_QUERY) if seen and per_node > 0 and share is not None else None
+    if gpus_text and share is not None:
+        visible = env.get("CUDA_VISIBLE_DEVICES")
+        held, figures["gpu_free_gib"] = gpu_memory_problems(where, visible, share, gpus_text, per_node=per_node)
         if held:  # ask again, now with the processes that hold them
-            held, _ = gpu_memory_problems(where, env.get("CUDA_VISIBLE_DEVICES"), share, gpus_text,
-                                          nvidia_smi(HOLDERS_QUERY) or "")
+            held, _ = gpu_memory_problems(where, visible, share, gpus_text, nvidia_smi(HOLDERS_QUERY) or "", per_node)
         problems += held
     return problems + space, figures

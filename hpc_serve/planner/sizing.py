@@ -206,15 +206,10 @@ def suggest_layout(config: Mapping[str, Any], gpu_memory_gib: float, gpus_per_no
 
 def context_asked(vllm_args: Sequence[str]) -> int | None:
     """The --max-model-len passed to vLLM, if any."""
-    for index, word in enumerate(vllm_args):
-        if word.startswith("--max-model-len="):
-            value = word.split("=", 1)[1]
-        elif word == "--max-model-len" and index + 1 < len(vllm_args):
-            value = vllm_args[index + 1]
-        else:
-            continue
-        return int(value) if value.isdigit() else None
-    return None
+    from .vllm_parser import passed_value
+
+    value = passed_value(list(vllm_args), "max_model_len")
+    return int(value) if value and value.isdigit() else None
 
 
 def auto_layout(values: dict[str, Any], sources: dict[str, str]) -> tuple[str, ...]:

@@ -183,25 +183,38 @@ def _check_renewal(time: str | None, renew_before: int) -> None:
             "Give the minutes a successor needs to queue and load, e.g. --renew-before 30.")
 
 
+#: The files a fetched model's weights are in (one of them must be there).
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
 def _hub_env(values: dict[str, Any], env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
-    """``env`` plus HF_HOME (``hf_home``) and HF_HUB_OFFLINE=1 (``offline``), unless --env set them."""
+    """``env`` plus HF_HOME and HF_HUB_CACHE (``hf_home``; an inherited HF_HUB_CACHE would win over
+    HF_HOME) and HF_HUB_OFFLINE=1 (``offline``), each unless --env set it."""
     given = {key for key, _ in env}
     extra = []
-    if values["hf_home"] and "HF_HOME" not in given:
-        extra.append(("HF_HOME", values["hf_home"]))
+    if values["hf_home"]:
+        extra += [(key, value) for key, value in (("HF_HOME", values["hf_home"]),
+                                                  ("HF_HUB_CACHE", os.path.join(values["hf_home"], "hub")))
+                  if key not in given]
     if values["offline"] and "HF_HUB_OFFLINE" not in given:
         extra.append(("HF_HUB_OFFLINE", "1"))
     return env + tuple(extra)
 
 
 def _check_fetched(model: str, env: tuple[tuple[str, str], ...]) -> None:
-    """With offline nodes, a hub model must already be in the cache the job reads."""
-    if not is_hub_id(model):
+    """With offline nodes, a hub model must already be in the cache the job reads, weights too."""
+    if not is_hub_id(model) or dict(env).get("HF_HUB_OFFLINE", "1") in ("", "0"):
         return
-    hf_home = dict(env).get("HF_HOME") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
-    if hub_snapshot(model, {"HF_HOME": os.path.expanduser(hf_home)}) is None:
+    hub_vars = {key: os.path.expanduser(value) for key, value in {**os.environ, **dict(env)}.items()
+                if key in ("HF_HOME", "HF_HUB_CACHE")}
+    where = hub_vars.get("HF_HUB_CACHE") or hub_vars.get("HF_HOME") or "~/.cache/huggingface"
+    folder = hub_snapshot(model, hub_vars)
+    complete = folder is not None and any(name.endswith(_WEIGHTS) for name in os.listdir(folder))
+    if not complete:
+        hf_home = hub_vars.get("HF_HOME") or where
+        half = f" (its snapshot {folder} has no weights: an interrupted fetch?)" if folder else ""
         raise HpcServeError(
-            f"{model} is not in the Hugging Face cache at {hf_home}, and the nodes are offline (--offline).",
+            f"{model} is not in the Hugging Face cache at {where}{half}, and the nodes are offline (--offline).",
             f"Fetch it first, where the hub is reachable: hpc-serve fetch {model} --hf-home {hf_home}")
 
 

@@ -60,7 +60,7 @@ REFUSED: dict[str, tuple[str, str]] = {
 #: Engine arguments hpc-serve reads, and Frontend options that vLLM copies into the engine config
 #: (cli_args.propagate_flash_late_interaction): they go to every node.
 ENGINE: frozenset[str] = frozenset({"all2all_backend", "served_model_name", "enable_eplb",
-                                    "enable_flash_late_interaction"})
+                                    "enable_flash_late_interaction", "gpu_memory_utilization", "max_model_len"})
 #: Negations newer than the table (vLLM 0.33, as issue 12 read it), read like the table's own.
 LATER_NEGATIONS: dict[str, tuple[str, ...]] = {"enable_expert_parallel": ("--disable-expert-parallel",)}
 #: vLLM 0.32's --all2all-backend choices (config/parallel.py All2AllBackend, less "passthrough",
@@ -169,6 +169,7 @@ _TABLE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
         ('--no-exclude-tools-when-tool-choice-none',)),
     'fingerprint_mode': ('api', '1', ('--fingerprint-mode',), ()),
     'fingerprint_value': ('api', '1', ('--fingerprint-value',), ()),
+    'gpu_memory_utilization': ('engine', '1', ('--gpu-memory-utilization', '--device-memory-utilization'), ()),
     'grpc': ('managed', '0', ('--grpc',), ()),
     'grpc_port': ('api', '1', ('--grpc-port',), ()),
     'h11_max_header_count': ('api', '1', ('--h11-max-header-count',), ()),
@@ -180,6 +181,7 @@ _TABLE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     'master_addr': ('managed', '1', ('--master-addr',), ()),
     'master_port': ('managed', '1', ('--master-port',), ()),
     'max_log_len': ('api', '1', ('--max-log-len',), ()),
+    'max_model_len': ('engine', '1', ('--max-model-len',), ()),
     'middleware': ('api', '1', ('--middleware',), ()),
     'model': ('managed', '1', ('--model',), ()),
     'nnodes': ('managed', '1', ('--nnodes', '-n'), ()),
@@ -331,6 +333,16 @@ def read_args(args: tuple[str, ...] | list[str], options: dict[str, Option] | No
         out.append(Arg(words, option, value, found if len(found) > 1 else ()))
         i += 1 + following
     return tuple(out)
+
+
+def passed_value(args: tuple[str, ...] | list[str], dest: str) -> str | None:
+    """The value vLLM will read for its option ``dest`` from ``args`` (the last one given, in any
+    spelling vLLM takes: ``--a-b v``, ``--a_b=v``, a unique prefix), or None when not passed."""
+    found = None
+    for arg in read_args(args):
+        if arg.option is not None and arg.option.dest == dest:
+            found = arg.value
+    return found
 
 
 def _nargs(action: argparse.Action) -> str:

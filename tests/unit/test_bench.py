@@ -4,6 +4,7 @@ The benchmark itself runs against a real deployment in tests/engine/test_served.
 
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ RESULT = json.loads((Path(__file__).parent / "bench" / "vllm-bench-result.json")
     (Load(concurrency=0), "--concurrency must be at least 1"),
     (Load(extra=("--base-url", "http://elsewhere")), "--base-url after -- would override"),
     (Load(extra=("--result-dir=/tmp",)), "--result-dir after -- would override"),
+    (Load(extra=("--result_dir", "/tmp")), "--result_dir after -- would override"),  # vLLM takes _ for -
+    (Load(extra=("--base", "http://elsewhere")), "--base after -- would override"),  # and unique prefixes
 ])
 def test_a_load_that_cannot_run_is_refused_with_the_flag_to_fix(load, says):
     with pytest.raises(HpcServeError) as caught:
@@ -69,7 +72,7 @@ def test_vllm_is_found_as_asked_then_on_path_then_as_the_deployments_engine(tmp_
 
 
 def test_the_table_shows_vllms_figures_and_the_ratio_of_two(monkeypatch):
-    rows = dict(shown_rows(RESULT))
+    rows = {label: text for label, text, _ in shown_rows(RESULT)}
     assert rows["requests completed"] == f"{RESULT['completed']:.0f}"
     assert rows["output tokens/s"] == f"{RESULT['output_throughput']:.1f}"
     assert rows["TTFT p99 (ms)"] == f"{RESULT['p99_ttft_ms']:.1f}"
@@ -80,6 +83,12 @@ def test_the_table_shows_vllms_figures_and_the_ratio_of_two(monkeypatch):
     views.bench_table([BenchRun("11", "http://a/v1", RESULT, "", ""), BenchRun("12", "http://b/v1", faster, "", "")])
     line = next(text for text in out.getvalue().splitlines() if "output tokens/s" in text)
     assert line.split("│")[-2].strip() == "2.000", line
+    out.truncate(0)
+    slow = {**RESULT, "request_throughput": 0.004}  # shown as 0.00: the ratio comes from the values
+    views.bench_table([BenchRun("11", "", slow, "", ""), BenchRun("12", "", {**slow, "request_throughput": 0.008},
+                                                                   "", "")])
+    line = next(text for text in out.getvalue().splitlines() if "requests/s" in text)
+    assert line.split("│")[-2].strip() == "2.000", line
 
 
 def test_bench_with_a_bad_load_stops_before_reading_any_deployment(tmp_path, monkeypatch, capsys):
@@ -87,3 +96,74 @@ def test_bench_with_a_bad_load_stops_before_reading_any_deployment(tmp_path, mon
     assert main(["bench", "123", "--concurrency", "0"]) == 2
     assert "--concurrency must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "nothing-here").exists()
+
+
+FAKE_VLLM = """#!/usr/bin/env python3
+import json, os, sys
+args = sys.argv[1:]
+record = {"argv": args, "key": os.environ.get("OPENAI_API_KEY"), "hf_home": os.environ.get("HF_HOME")}
+open(os.environ["FAKE_VLLM_RECORD"], "w").write(json.dumps(record))
+print("a line of the benchmark's own output")
+result = dict(json.load(open(os.environ["FAKE_VLLM_RESULT"])), failed=int(os.environ.get("FAKE_VLLM_FAILED", "0")))
+folder, name = args[args.index("--result-dir") + 1], args[args.index("--result-filename") + 1]
+if os.environ.get("FAKE_VLLM_EXIT", "0") == "0":
+    open(os.path.join(folder, name), "w").write(json.dumps(result))
+sys.exit(int(os.environ.get("FAKE_VLLM_EXIT", "0")))
+"""
+
+
+@pytest.fixture
+def deployment(tmp_path, monkeypatch):
+    """A deployment folder as the agents leave it (spec, key), its endpoint as control.endpoint
+    gives it for a READY one (reading it needs Slurm: the real path is tests/engine/test_served.py),
+    and a stand-in `vllm` on PATH that records how it was called."""
+    from hpc_serve.client import bench
+    from hpc_serve.registry import Registry
+
+    dep = Registry(str(tmp_path / "home")).deployment("42").ensure()
+    dep.write("spec.json", {"model": "/models/m", "engine_cmd": "vllm serve", "env": [["HF_HOME", "/shared/hf"]]})
+    key = dep.create_secret("api_key")
+    monkeypatch.setattr(bench.control, "endpoint", lambda k, home=None: {
+        "id": "42", "url": "http://10.0.0.5:8000/v1", "served_model": "/models/m"})
+    program = tmp_path / "bin" / "vllm"
+    program.parent.mkdir()
+    program.write_text(FAKE_VLLM)
+    program.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{program.parent}:{os.environ['PATH']}")
+    monkeypatch.delenv("HF_HOME", raising=False)
+    (tmp_path / "result.json").write_text(json.dumps(RESULT))
+    monkeypatch.setenv("FAKE_VLLM_RESULT", str(tmp_path / "result.json"))
+    monkeypatch.setenv("FAKE_VLLM_RECORD", str(tmp_path / "record.json"))
+    return dep, key, tmp_path / "record.json"
+
+
+def test_the_key_goes_in_the_environment_and_the_result_is_kept_privately(deployment, capsys):
+    from hpc_serve.client.bench import run_bench
+
+    dep, key, record = deployment
+    run = run_bench("42", Load(prompts=3), str(Path(dep.root)), echo=False)
+    called = json.loads(record.read_text())
+    assert called["key"] == key and not any(key in word for word in called["argv"])
+    assert called["argv"][called["argv"].index("--base-url") + 1] == "http://10.0.0.5:8000"
+    assert called["hf_home"] == "/shared/hf"  # the tokenizer is read from the job's cache
+    assert run.result["completed"] == RESULT["completed"] and Path(run.result_file).parent == Path(dep.file("bench"))
+    for path in (Path(run.result_file), Path(run.log_file)):
+        assert path.stat().st_mode & 0o077 == 0 and key not in path.read_text()
+    assert Path(dep.file("bench")).stat().st_mode & 0o077 == 0
+    assert Path(run.log_file).read_text().splitlines()[1] == "a line of the benchmark's own output"
+
+
+def test_a_benchmark_that_fails_says_so_with_its_log_and_failed_requests_exit_1(deployment, monkeypatch, capsys):
+    from hpc_serve.client.bench import run_bench
+
+    dep, _, _ = deployment
+    monkeypatch.setenv("FAKE_VLLM_EXIT", "3")
+    with pytest.raises(HpcServeError) as failed:
+        run_bench("42", Load(), str(Path(dep.root)), echo=False)
+    assert failed.value.problem == ("vllm bench serve against 42 failed (exit 3): a line of the benchmark's own "
+                                    "output")
+    assert failed.value.hint.startswith(f"Its whole output: {dep.file('bench')}/")
+    monkeypatch.setenv("FAKE_VLLM_EXIT", "0")
+    monkeypatch.setenv("FAKE_VLLM_FAILED", "2")
+    monkeypatch.setenv("HPC_SERVE_HOME", str(Path(dep.root)))
+    assert main(["bench", "42", "--prompts", "3"]) == 1

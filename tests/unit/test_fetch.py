@@ -35,6 +35,8 @@ def lay_out(hf_home: Path, model: str) -> Path:
     (repo / "blobs").mkdir()
     (repo / "blobs" / "abc").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"]}))
     (snapshot / "config.json").symlink_to(Path("..", "..", "blobs", "abc"))
+    (repo / "blobs" / "def").write_bytes(b"\0" * 64)
+    (snapshot / "model.safetensors").symlink_to(Path("..", "..", "blobs", "def"))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(SHA)
     return snapshot
@@ -124,6 +126,21 @@ def test_an_unknown_model_is_named(tmp_path, hub):
     assert done.stderr.startswith("error: There is no model 'org/no-such-model' on Hugging Face"), done.stderr
 
 
+@pytest.mark.parametrize("hub", [(404, "RevisionNotFound")], indirect=True)
+def test_a_revision_the_model_lacks_is_named(tmp_path, hub):
+    done = run("fetch", "org/tiny", "--revision", "v9", "--hf-home", str(tmp_path / "hf"), env={"HF_ENDPOINT": hub.url})
+    assert done.returncode == 2
+    assert done.stderr == "error: org/tiny has no revision 'v9'.\nGive a branch, tag or commit it has.\n", done.stderr
+
+
+def test_no_hub_reachable_and_nothing_cached_says_where_to_run_it(tmp_path):
+    closed = Refusing(500, "x")
+    closed.close()
+    closed.server.server_close()  # nothing listens there now: connection refused
+    done = run("fetch", "org/tiny", "--hf-home", str(tmp_path / "hf"), env={"HF_ENDPOINT": closed.url})
+    assert done.returncode == 2 and "the hub cannot be reached from here" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("model, says", [
     (".", "is a local folder: there is nothing to fetch"),
     ("a/b/c", "is neither a local folder nor a Hugging Face model id"),
@@ -142,20 +159,27 @@ def test_offline_nodes_get_the_cache_and_hf_hub_offline_in_the_script(tmp_path):
     done = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr
     assert f"HF_HOME={tmp_path / 'hf'}" in done.stdout and "HF_HUB_OFFLINE=1" in done.stdout
+    inherited = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"), env={"HF_HUB_CACHE": "/elsewhere"})
+    assert inherited.returncode == 0, inherited.stderr  # the job's own HF_HUB_CACHE is what counts
     lay_out(tmp_path / "other", "org/tiny")
     mine = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"), "--env", "HF_HUB_OFFLINE=0",
                   "--env", f"HF_HOME={tmp_path / 'other'}")
     assert mine.returncode == 0, mine.stderr
     assert "HF_HUB_OFFLINE=0" in mine.stdout and "HF_HUB_OFFLINE=1" not in mine.stdout  # --env wins
+    assert f"HF_HUB_CACHE={tmp_path / 'hf' / 'hub'}" in mine.stdout  # an inherited HF_HUB_CACHE would beat HF_HOME
     assert f"HF_HOME={tmp_path / 'other'}" in mine.stdout and f"HF_HOME={tmp_path / 'hf'}" not in mine.stdout
 
 
 def test_offline_nodes_and_a_hub_model_not_fetched_is_refused_before_anything_is_written(tmp_path):
     done = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"), "-o", str(tmp_path / "job.sbatch"))
     assert done.returncode == 2 and not (tmp_path / "job.sbatch").exists()
-    assert done.stderr == (f"error: org/tiny is not in the Hugging Face cache at {tmp_path / 'hf'}, and the nodes "
-                           "are offline (--offline).\nFetch it first, where the hub is reachable: hpc-serve fetch "
+    assert done.stderr == (f"error: org/tiny is not in the Hugging Face cache at {tmp_path / 'hf' / 'hub'}, and the "
+                           "nodes are offline (--offline).\nFetch it first, where the hub is reachable: hpc-serve fetch "
                            f"org/tiny --hf-home {tmp_path / 'hf'}\n")
+    snapshot = lay_out(tmp_path / "hf", "org/tiny")
+    (snapshot / "model.safetensors").unlink()  # what an interrupted fetch leaves: the config, no weights
+    half = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"))
+    assert half.returncode == 2 and f"its snapshot {snapshot} has no weights: an interrupted fetch?" in half.stderr
     local = tmp_path / "model"
     local.mkdir()
     assert render(str(local), "--offline").returncode == 0  # a folder is the nodes' to find (the preflight)

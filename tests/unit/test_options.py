@@ -3,6 +3,8 @@
 import dataclasses
 import inspect
 
+import shutil
+
 import pytest
 
 from hpc_serve import api
@@ -107,7 +109,9 @@ FULL = dict(model="org/moe", gpus_per_node=4, nodes=4, tp=4, pp=2, dp=2, ep=True
 def test_every_node_option_is_carried_and_comes_back_equal(tmp_path):
     snapshot = tmp_path / "hf" / "hub" / "models--org--moe" / "snapshots" / "0123abc"  # fetched, as the hub lays it out
     snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"")
     spec = build_spec(**FULL, hf_home=str(tmp_path / "hf"), offline=True)
+    shutil.rmtree(tmp_path / "hf")  # the node does not see the login side's cache check again
     argv = to_node_args(spec)
     assert {o.name for o in NODE_OPTIONS} == {o.name for o in OPTIONS if o.in_spec} - {"model"}
     for option in NODE_OPTIONS:

@@ -170,8 +170,14 @@ GPUS_CSV = ("0, GPU-1c2d0c1e-aaaa-bbbb-cccc-000000000000, 1, 143771\n"
 HOLDERS_CSV = "GPU-9f8e7d6c-aaaa-bbbb-cccc-111111111111, 4242, 100850\n"
 
 
-@pytest.mark.parametrize("args, share", [((), 0.9), (("--gpu-memory-utilization", "0.5"), 0.5),
-                                         (("--max-model-len", "512", "--gpu-memory-utilization=0.3"), 0.3)])
+@pytest.mark.parametrize("args, share", [
+    ((), 0.9), (("--gpu-memory-utilization", "0.5"), 0.5),
+    (("--max-model-len", "512", "--gpu-memory-utilization=0.3"), 0.3),
+    (("--gpu_memory_utilization", "0.4"), 0.4),  # vLLM takes underscores
+    (("--gpu-memory-utilization", "0.9", "--gpu-memory-utilization", "0.4"), 0.4),  # and the last one
+    (("--gpu-memory-utilization", "lots"), None),  # vLLM will refuse it: nothing to check against
+    (("--config", "serve.yaml"), None),  # the share may be inside
+])
 def test_the_share_of_gpu_memory_vllm_will_ask_for(args, share):
     from hpc_serve.node.checks import gpu_share
 
@@ -191,3 +197,28 @@ def test_a_gpu_another_process_holds_fails_the_node_naming_the_process():
     by_uuid = gpu_memory_problems(WHERE, "GPU-9f8e7d6c-aaaa-bbbb-cccc-111111111111", 0.9, GPUS_CSV)[0]
     assert len(by_uuid) == 1 and by_uuid[0].startswith(f"GPU 1 on {WHERE} has 41.9")
     assert gpu_memory_problems(WHERE, "MIG-0f0f0f0f-aaaa", 0.9, GPUS_CSV) == ([], [])  # a MIG slice: not checked
+    assert gpu_memory_problems(WHERE, None, 0.9, GPUS_CSV, per_node=1) == ([], [140.4])  # CUDA takes the first
+    assert len(gpu_memory_problems(WHERE, None, 0.9, GPUS_CSV, per_node=2)[0]) == 1
+
+
+def test_the_node_asks_nvidia_smi_about_its_own_gpus_and_for_the_holders_only_when_one_is_short(monkeypatch, tmp_path):
+    from hpc_serve.node import checks
+    from hpc_serve.planner.spec import build_spec
+
+    asked = []
+
+    def nvidia_smi(args):
+        asked.append(args)
+        return {"-L": "GPU 0: H200 (UUID: a)\nGPU 1: H200 (UUID: b)\n"}.get(args[-1]) or \
+            (GPUS_CSV if args == checks.GPU_QUERY else HOLDERS_CSV)
+
+    monkeypatch.setattr(checks, "nvidia_smi", nvidia_smi)
+    spec = build_spec(model=str(tmp_path), gpus_per_node=1, vllm_args=["--gpu-memory-utilization", "0.5"])
+    problems, figures = checks.node_checks(spec, WHERE, str(tmp_path), str(tmp_path), {"CUDA_VISIBLE_DEVICES": "1"})
+    assert [p for p in problems if p.startswith("GPU 1")] and "pid 4242" in problems[-1] or any(
+        "pid 4242" in p for p in problems), problems
+    assert figures["gpu_free_gib"] == [41.9] and checks.HOLDERS_QUERY in asked
+    asked.clear()
+    problems, figures = checks.node_checks(spec, WHERE, str(tmp_path), str(tmp_path), {"CUDA_VISIBLE_DEVICES": "0"})
+    assert not [p for p in problems if p.startswith("GPU")] and figures["gpu_free_gib"] == [140.4]
+    assert checks.HOLDERS_QUERY not in asked

@@ -23,7 +23,7 @@ def test_resolve(word, option, value):
     assert resolve(word) == ((option,), value)
 
 
-@pytest.mark.parametrize("word", ["--max-model-len", "--seed", "-O3", "-tp8", "--compilation-config.mode"])
+@pytest.mark.parametrize("word", ["--max-num-seqs", "--seed", "-O3", "-tp8", "--compilation-config.mode"])
 def test_options_the_table_does_not_hold_are_left_to_vllm(word):
     assert resolve(word)[0] == ()
 
@@ -43,8 +43,20 @@ def test_read_args_groups_each_option_with_its_values():
                       "--chat-template=x", "-1"])
     assert [a.words for a in args] == [("--lora-modules", "a=/a", "b=/b"), ("--headless",),
                                        ("--max-model-len", "10"), ("--chat-template=x",), ("-1",)]
-    assert [a.kind for a in args] == ["api", "managed", "", "api", ""]
-    assert args[0].value == "a=/a" and args[3].value == "x"
+    assert [a.kind for a in args] == ["api", "managed", "engine", "api", ""]
+    assert args[0].value == "a=/a" and args[2].value == "10" and args[3].value == "x"
+
+
+@pytest.mark.parametrize("args, value", [
+    (["--max-model-len", "512"], "512"), (["--max_model_len=256"], "256"),
+    (["--max-model-len", "512", "--seed", "1", "--max-model-len", "128"], "128"),  # argparse keeps the last
+    (["--seed", "1"], None),
+])
+def test_the_value_vllm_will_read(args, value):
+    from hpc_serve.planner.vllm_parser import passed_value
+
+    assert passed_value(args, "max_model_len") == value
+    assert passed_value(["--device-memory-utilization", "0.5"], "gpu_memory_utilization") == "0.5"
 
 
 def test_negations_are_marked():
