@@ -155,16 +155,17 @@ def kv_bytes_per_token(size: ModelSize, tp: int, pp: int) -> float:
 
 
 def suggest_layout(config: Mapping[str, Any], gpu_memory_gib: float, gpus_per_node: int,
-                   max_nodes: int | None = None, context: int | None = None, pp: int | None = None) -> Suggestion:
+                   max_nodes: int | None = None, context: int | None = None, pp: int | None = None,
+                   share: float = GPU_MEMORY_UTILIZATION) -> Suggestion:
     """The smallest layout that holds the weights and ``MIN_CONTEXTS`` contexts; HpcServeError
     naming what would fit when none does within ``max_nodes`` (default: up to 64 nodes). ``pp``:
-    the user's PP, kept."""
+    the user's PP, kept; ``share``: the --gpu-memory-utilization vLLM will use."""
     size = model_size(config)
     context = min(context or min(size.max_context, DEFAULT_CONTEXT), size.max_context)
-    usable = gpu_memory_gib * GPU_MEMORY_UTILIZATION - HEADROOM_GIB
+    usable = gpu_memory_gib * share - HEADROOM_GIB
     lines = [f"parameters: {size.params / 1e9:.1f} B" + (f" ({size.experts} experts)" if size.experts else "") +
              f", weights {size.how}: {size.weight_bytes / GIB:.1f} GiB",
-             f"per GPU: {gpu_memory_gib:g} GiB x {GPU_MEMORY_UTILIZATION} - {HEADROOM_GIB:g} GiB headroom "
+             f"per GPU: {gpu_memory_gib:g} GiB x {share:g} - {HEADROOM_GIB:g} GiB headroom "
              f"= {usable:.1f} GiB for weights and KV cache",
              f"KV cache: {size.layers * size.kv_bytes_per_layer / 1024:.0f} KiB a token" +
              (" (MLA latent, on every TP rank)" if size.kv_heads == 0 else f" ({size.kv_heads} KV heads)") +
@@ -193,7 +194,7 @@ def suggest_layout(config: Mapping[str, Any], gpu_memory_gib: float, gpus_per_no
                f"contexts of {context} tokens.")
     if max_nodes is not None:
         try:
-            wider = suggest_layout(config, gpu_memory_gib, gpus_per_node, None, context, pp)
+            wider = suggest_layout(config, gpu_memory_gib, gpus_per_node, None, context, pp, share)
         except HpcServeError:
             pass
         else:
@@ -212,6 +213,17 @@ def context_asked(vllm_args: Sequence[str]) -> int | None:
     return int(value) if value and value.isdigit() else None
 
 
+def share_asked(vllm_args: Sequence[str]) -> float:
+    """The --gpu-memory-utilization passed to vLLM (as vLLM reads it), else vLLM's 0.9."""
+    from .vllm_parser import passed_value
+
+    value = passed_value(list(vllm_args), "gpu_memory_utilization")
+    try:
+        return float(value) if value is not None else GPU_MEMORY_UTILIZATION
+    except ValueError:
+        return GPU_MEMORY_UTILIZATION
+
+
 def auto_layout(values: dict[str, Any], sources: dict[str, str]) -> tuple[str, ...]:
     """``--tp auto``: set tp, pp (unless given) and nodes (unless given) from the model's config
     and ``gpu_memory``, in place; the arithmetic, one line a step."""
@@ -221,7 +233,7 @@ def auto_layout(values: dict[str, Any], sources: dict[str, str]) -> tuple[str, .
     model = str(values.get("model") or "")
     suggestion = suggest_layout(read_config(model), float(values["gpu_memory"]), int(values["gpus_per_node"]),
                                 max_nodes=values.get("nodes"), context=context_asked(values.get("vllm_args") or ()),
-                                pp=values.get("pp"))
+                                pp=values.get("pp"), share=share_asked(values.get("vllm_args") or ()))
     how = f"auto: from {model}'s config.json and {values['gpu_memory']} GiB a GPU"
     values["tp"], sources["tp"] = suggestion.tp, how
     if values.get("pp") is None:

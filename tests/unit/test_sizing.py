@@ -86,6 +86,14 @@ def test_a_shorter_context_asked_of_vllm_is_what_the_fit_counts():
     assert (short.tp, short.context) == (2, 1024)  # 2.3 GiB left a GPU hold 4 x 1024 tokens
 
 
+def test_a_lower_gpu_memory_share_asked_of_vllm_is_what_the_fit_counts():
+    from hpc_serve.planner.sizing import share_asked
+
+    assert share_asked(["--gpu_memory_utilization", "0.5"]) == 0.5 and share_asked([]) == 0.9
+    full, half = suggest_layout(config("qwen2.5-7b"), 24, 8), suggest_layout(config("qwen2.5-7b"), 24, 8, share=0.5)
+    assert half.tp > full.tp and any("24 GiB x 0.5 - 2 GiB headroom = 10.0 GiB" in line for line in half.lines)
+
+
 @pytest.fixture
 def model_folder(tmp_path):
     folder = tmp_path / "Llama-3.1-405B"
