@@ -47,10 +47,19 @@ def is_hub_id(model: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", model) is not None
 
 
-def hub_snapshot(model: str, environ: Mapping[str, str]) -> str | None:
-    """The newest snapshot folder of ``model`` in this machine's Hugging Face cache, if any."""
+def hub_snapshot(model: str, environ: Mapping[str, str], revision: str | None = None) -> str | None:
+    """The snapshot folder of ``model`` in this machine's Hugging Face cache, if any: the newest,
+    or the one ``revision`` (a branch or tag the cache has a ref for, or a commit) names."""
     hub = environ.get("HF_HUB_CACHE") or os.path.join(
         environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface"), "hub")
-    snapshots = sorted(glob.glob(os.path.join(hub, f"models--{model.replace('/', '--')}", "snapshots", "*")),
-                       key=os.path.getmtime)
+    repo = os.path.join(hub, f"models--{model.replace('/', '--')}")
+    if revision is not None:
+        try:
+            with open(os.path.join(repo, "refs", revision), encoding="utf-8") as ref:
+                revision = ref.read().strip()
+        except OSError:
+            pass  # a commit, or a revision this cache does not have
+        folder = os.path.join(repo, "snapshots", revision)
+        return folder if os.path.isdir(folder) else None
+    snapshots = sorted(glob.glob(os.path.join(repo, "snapshots", "*")), key=os.path.getmtime)
     return snapshots[-1] if snapshots else None

@@ -201,21 +201,27 @@ def _hub_env(values: dict[str, Any], env: tuple[tuple[str, str], ...]) -> tuple[
     return env + tuple(extra)
 
 
-def _check_fetched(model: str, env: tuple[tuple[str, str], ...]) -> None:
-    """With offline nodes, a hub model must already be in the cache the job reads, weights too."""
+def _check_fetched(model: str, env: tuple[tuple[str, str], ...], vllm_args: tuple[str, ...]) -> None:
+    """With offline nodes, a hub model must already be in the cache the job reads, weights too,
+    at the revision vLLM will ask for (``--revision``; offline it resolves ``main`` otherwise)."""
+    from .vllm_parser import passed_value
+
     if not is_hub_id(model) or dict(env).get("HF_HUB_OFFLINE", "1") in ("", "0"):
         return
     hub_vars = {key: os.path.expanduser(value) for key, value in {**os.environ, **dict(env)}.items()
                 if key in ("HF_HOME", "HF_HUB_CACHE")}
     where = hub_vars.get("HF_HUB_CACHE") or hub_vars.get("HF_HOME") or "~/.cache/huggingface"
-    folder = hub_snapshot(model, hub_vars)
+    revision = passed_value(list(vllm_args), "revision") or "main"
+    folder = hub_snapshot(model, hub_vars, revision)
     complete = folder is not None and any(name.endswith(_WEIGHTS) for name in os.listdir(folder))
     if not complete:
         hf_home = hub_vars.get("HF_HOME") or where
         half = f" (its snapshot {folder} has no weights: an interrupted fetch?)" if folder else ""
+        at = "" if revision == "main" else f" at revision {revision}"
+        fetch = f"hpc-serve fetch {model} --hf-home {hf_home}" + ("" if revision == "main" else f" --revision {revision}")
         raise HpcServeError(
-            f"{model} is not in the Hugging Face cache at {where}{half}, and the nodes are offline (--offline).",
-            f"Fetch it first, where the hub is reachable: hpc-serve fetch {model} --hf-home {hf_home}")
+            f"{model}{at} is not in the Hugging Face cache at {where}{half}, and the nodes are offline (--offline).",
+            f"Fetch it first, where the hub is reachable: {fetch}")
 
 
 def _cross_checked(values: dict[str, Any], model: str, layout: Layout, on_node: bool = False) -> DeploymentSpec:
@@ -226,7 +232,7 @@ def _cross_checked(values: dict[str, Any], model: str, layout: Layout, on_node: 
         values = {**values, "hf_home": os.path.abspath(os.path.expanduser(values["hf_home"]))}
     env = _hub_env(values, parse_env(values["env"]))
     if values["offline"] and not on_node:
-        _check_fetched(model, env)
+        _check_fetched(model, env, tuple(values["vllm_args"]))
 
     if layout.ep:
         check_moe(model)

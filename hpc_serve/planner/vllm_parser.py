@@ -60,7 +60,8 @@ REFUSED: dict[str, tuple[str, str]] = {
 #: Engine arguments hpc-serve reads, and Frontend options that vLLM copies into the engine config
 #: (cli_args.propagate_flash_late_interaction): they go to every node.
 ENGINE: frozenset[str] = frozenset({"all2all_backend", "served_model_name", "enable_eplb",
-                                    "enable_flash_late_interaction", "gpu_memory_utilization", "max_model_len"})
+                                    "enable_flash_late_interaction", "gpu_memory_utilization", "max_model_len",
+                                    "revision"})
 #: Negations newer than the table (vLLM 0.33, as issue 12 read it), read like the table's own.
 LATER_NEGATIONS: dict[str, tuple[str, ...]] = {"enable_expert_parallel": ("--disable-expert-parallel",)}
 #: vLLM 0.32's --all2all-backend choices (config/parallel.py All2AllBackend, less "passthrough",
@@ -193,6 +194,7 @@ _TABLE: dict[str, tuple[str, str, tuple[str, ...], tuple[str, ...]]] = {
     'return_tokens_as_token_ids': (
         'api', '0', ('--return-tokens-as-token-ids', '--no-return-tokens-as-token-ids'),
         ('--no-return-tokens-as-token-ids',)),
+    'revision': ('engine', '1', ('--revision',), ()),
     'root_path': ('api', '1', ('--root-path',), ()),
     'served_model_name': ('engine', '+', ('--served-model-name',), ()),
     'sse_keep_alive_interval': ('api', '1', ('--sse-keep-alive-interval',), ()),

@@ -151,7 +151,8 @@ def test_what_cannot_be_fetched_is_refused(model, says, tmp_path):
 
 
 def render(*args, env=None):
-    return run("render", *args, "--gpus-per-node", "1", "-p", "gpu", env=env)
+    ours, vllms = (args[:args.index("--")], args[args.index("--"):]) if "--" in args else (args, ())
+    return run("render", *ours, "--gpus-per-node", "1", "-p", "gpu", *vllms, env=env)
 
 
 def test_offline_nodes_get_the_cache_and_hf_hub_offline_in_the_script(tmp_path):
@@ -180,6 +181,11 @@ def test_offline_nodes_and_a_hub_model_not_fetched_is_refused_before_anything_is
     (snapshot / "model.safetensors").unlink()  # what an interrupted fetch leaves: the config, no weights
     half = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"))
     assert half.returncode == 2 and f"its snapshot {snapshot} has no weights: an interrupted fetch?" in half.stderr
+    other = render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"), "--", "--revision", "v2")
+    assert other.returncode == 2 and "org/tiny at revision v2 is not in the Hugging Face cache" in other.stderr
+    assert f"hpc-serve fetch org/tiny --hf-home {tmp_path / 'hf'} --revision v2" in other.stderr
+    (snapshot / "model.safetensors").symlink_to(Path("..", "..", "blobs", "def"))
+    assert render("org/tiny", "--offline", "--hf-home", str(tmp_path / "hf"), "--", "--revision", SHA).returncode == 0
     local = tmp_path / "model"
     local.mkdir()
     assert render(str(local), "--offline").returncode == 0  # a folder is the nodes' to find (the preflight)

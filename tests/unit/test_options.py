@@ -110,6 +110,8 @@ def test_every_node_option_is_carried_and_comes_back_equal(tmp_path):
     snapshot = tmp_path / "hf" / "hub" / "models--org--moe" / "snapshots" / "0123abc"  # fetched, as the hub lays it out
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes(b"")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abc")
     spec = build_spec(**FULL, hf_home=str(tmp_path / "hf"), offline=True)
     shutil.rmtree(tmp_path / "hf")  # the node does not see the login side's cache check again
     argv = to_node_args(spec)
