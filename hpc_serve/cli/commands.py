@@ -232,12 +232,12 @@ def cmd_smoke(ns: Args, vllm_args: list[str]) -> int:
 
 
 def cmd_fetch(ns: Args, vllm_args: list[str]) -> int:
+    import shlex
+
     from ..client.fetch import fetch
 
     hf_home = ns.hf_home or _client_settings(ns.profile)["hf_home"]
     done = fetch(ns.model, hf_home=hf_home, revision=ns.revision, all_files=ns.all_files)
-    import shlex
-
     print(done.folder)
     where = f" --hf-home {shlex.quote(done.hf_home)}" if done.hf_home else ""
     revision = f" -- --revision {shlex.quote(done.revision)}" if done.revision else ""
@@ -311,5 +311,6 @@ def cmd_demo(ns: Args, vllm_args: list[str]) -> int:
 HANDLERS = {
     "render": cmd_render, "plan": cmd_plan, "submit": cmd_submit, "wait": cmd_wait, "status": cmd_status,
     "list": cmd_status, "endpoint": cmd_endpoint, "tunnel": cmd_tunnel, "smoke": cmd_smoke,
-    "fetch": cmd_fetch, "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo, "config": cmd_config_show,
+    "fetch": cmd_fetch, "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo,
+    "config": cmd_config_show,
 }

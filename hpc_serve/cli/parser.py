@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=float, metavar="R", help="requests per second (default: all at once)")
     bench.add_argument("--concurrency", type=int, metavar="N", help="at most N requests at a time (default: no limit)")
     bench.add_argument("--chat", action="store_true", help="chat completions instead of completions")
-    bench.add_argument("--seed", type=int, default=0, help="random prompts' seed (default 0: the same prompts each run)")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="random prompts' seed (default 0: the same prompts each run)")
     bench.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                        help="tokenizer for the prompts (default: the deployment's model)")
     bench.add_argument("--vllm-cmd", metavar="CMD",

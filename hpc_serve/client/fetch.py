@@ -43,7 +43,8 @@ def fetch(model: str, hf_home: str | None = None, revision: str | None = None, a
         from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError,
                                             LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
     except ImportError:
-        raise HpcServeError("huggingface_hub is not installed: `hpc-serve fetch` downloads with it.", PIP_HINT) from None
+        raise HpcServeError("huggingface_hub is not installed: `hpc-serve fetch` downloads with it.",
+                            PIP_HINT) from None
     where = hf_home or os.environ.get("HF_HUB_CACHE") or os.environ.get("HF_HOME") or "~/.cache/huggingface"
     try:
         folder = snapshot_download(model, revision=revision, cache_dir=hub_cache(hf_home),
@@ -64,7 +65,8 @@ def fetch(model: str, hf_home: str | None = None, revision: str | None = None, a
     except LocalEntryNotFoundError:
         raise HpcServeError(f"{model} is not in the cache at {where}, and the hub cannot be reached from here "
                             "(offline, or HF_HUB_OFFLINE is set).",
-                            "Run hpc-serve fetch on a node that reaches huggingface.co (a login or transfer node).") from None
+                            "Run hpc-serve fetch on a node that reaches huggingface.co (a login or transfer "
+                            "node).") from None
     except HfHubHTTPError as exc:
         raise HpcServeError(f"The hub refused to send {model}: {str(exc).splitlines()[0]}",
                             "Try again later; downloads resume where they stopped.") from None

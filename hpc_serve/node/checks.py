@@ -1,18 +1,18 @@
 """What one node checks about itself before any engine starts: the GPUs Slurm gave and that no
 other process holds the memory vLLM will ask of them, the model, free space where the caches and
-temp files go, /dev/shm, and temp paths short enough for Unix sockets. Each check returns a problem (one line naming the node and the fix) or None, and the
-figures it read go into the node's preflight record. Stdlib only; milliseconds.
+temp files go, /dev/shm, and temp paths short enough for Unix sockets. Each check returns a
+problem (one line naming the node and the fix) or None, and the figures it read go into the
+node's preflight record. Stdlib only; milliseconds.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import subprocess
 from typing import Any, Mapping
 
-from ..planner.model_info import hub_snapshot
+from ..planner.model_info import hub_snapshot, weight_files
 from ..planner.spec import DeploymentSpec
 from ..planner.vllm_parser import passed_value
 
@@ -24,8 +24,6 @@ MIN_CACHE_FREE, MIN_TMP_FREE, MIN_SHM_FREE = 1 * GIB, 256 * MIB, 256 * MIB
 #: The longest Unix socket path Linux takes (sun_path: 108 bytes with the NUL), and how much
 #: Ray adds to its temp folder (``session_<date>_<time>_<pid>/sockets/plasma_store``), with room.
 SOCKET_PATH_MAX, SOCKET_SUFFIX = 107, 72
-#: The files a model folder holds its weights in.
-WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 #: vLLM's default share of each GPU's memory (``--gpu-memory-utilization``).
 DEFAULT_GPU_SHARE = 0.9
@@ -71,10 +69,10 @@ def _csv_rows(text: str, fields: int) -> list[list[str]]:
 def gpu_memory_problems(where: str, visible: str | None, share: float, gpus_text: str, holders_text: str = "",
                         per_node: int = 0) -> tuple[list[str], list[float]]:
     """The GPUs of this job (``visible``: CUDA_VISIBLE_DEVICES, indices or UUIDs; None: the first
-    ``per_node``, which CUDA will use) whose
-    free memory is less than vLLM will ask for (``share`` of each), as vLLM's own start-up check
-    would find a minute later; and each one's free GiB. From nvidia-smi's CSV (GPU_QUERY and
-    HOLDERS_QUERY); a device nvidia-smi does not list (a MIG instance) is not checked."""
+    ``per_node``, which CUDA will use) whose free memory is less than vLLM will ask for (``share``
+    of each), as vLLM's own start-up check would find a minute later; and each one's free GiB.
+    From nvidia-smi's CSV (GPU_QUERY and HOLDERS_QUERY); a device nvidia-smi does not list (a MIG
+    instance) is not checked."""
     wanted = None if visible is None else {d.strip() for d in visible.split(",") if d.strip()}
     holders: dict[str, list[str]] = {}
     for uuid, pid, used in _csv_rows(holders_text, 3):
@@ -138,7 +136,7 @@ def model_problem(where: str, model: str, environ: Mapping[str, str]) -> str | N
     config = os.path.join(folder, "config.json")
     if not os.access(config, os.R_OK):
         return f"{config} is missing or unreadable on {where}: is {model} a model folder?"
-    weights = [path for pattern in WEIGHTS for path in glob.glob(os.path.join(folder, pattern))]
+    weights = weight_files(folder)
     if weights and not all(os.access(path, os.R_OK) for path in weights):
         return f"the weights in {folder} are not readable on {where}: check their permissions"
     return None
@@ -194,7 +192,7 @@ def node_checks(spec: DeploymentSpec, where: str, tmp_dir: str, cache_root: str,
     figures["gpus"] = seen if seen is not None else env.get("CUDA_VISIBLE_DEVICES")
     share = gpu_share(spec.vllm_args)
     gpus_text = nvidia_smi(GPU_QUERY) if seen and per_node > 0 and share is not None else None
-    if gpus_text and share is not None:
+    if gpus_text:
         visible = env.get("CUDA_VISIBLE_DEVICES")
         held, figures["gpu_free_gib"] = gpu_memory_problems(where, visible, share, gpus_text, per_node=per_node)
         if held:  # ask again, now with the processes that hold them

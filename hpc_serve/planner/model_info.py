@@ -40,6 +40,15 @@ def check_moe(model: str) -> None:
         )
 
 
+#: The files a model folder holds its weights in.
+WEIGHTS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")
+
+
+def weight_files(folder: str) -> list[str]:
+    """The weight files in a model folder (or a hub snapshot)."""
+    return [path for pattern in WEIGHTS for path in glob.glob(os.path.join(folder, pattern))]
+
+
 def is_hub_id(model: str) -> bool:
     """``model`` names a Hugging Face repository (organisation/name), not a folder of this machine."""
     if model.startswith(("/", ".", "~")) or os.path.exists(model):

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 from ..errors import HpcServeError
 from .layout import Layout, resolve_layout
-from .model_info import check_moe, hub_snapshot, is_hub_id
+from .model_info import check_moe, hub_snapshot, is_hub_id, weight_files
 from .options import BY_NAME, DEFAULT_ALL2ALL, OPTIONS, check_network, parse_env, parse_time
 
 __all__ = ["DeploymentSpec", "build_spec", "check_network", "parse_env", "parse_time", "spec_from_options"]
@@ -183,10 +183,6 @@ def _check_renewal(time: str | None, renew_before: int) -> None:
             "Give the minutes a successor needs to queue and load, e.g. --renew-before 30.")
 
 
-#: The files a fetched model's weights are in (one of them must be there).
-_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
 def _hub_env(values: dict[str, Any], env: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
     """``env`` plus HF_HOME and HF_HUB_CACHE (``hf_home``; an inherited HF_HUB_CACHE would win over
     HF_HOME) and HF_HUB_OFFLINE=1 (``offline``), each unless --env set it."""
@@ -213,12 +209,13 @@ def _check_fetched(model: str, env: tuple[tuple[str, str], ...], vllm_args: tupl
     where = hub_vars.get("HF_HUB_CACHE") or hub_vars.get("HF_HOME") or "~/.cache/huggingface"
     revision = passed_value(list(vllm_args), "revision") or "main"
     folder = hub_snapshot(model, hub_vars, revision)
-    complete = folder is not None and any(name.endswith(_WEIGHTS) for name in os.listdir(folder))
+    complete = folder is not None and bool(weight_files(folder))
     if not complete:
         hf_home = hub_vars.get("HF_HOME") or where
         half = f" (its snapshot {folder} has no weights: an interrupted fetch?)" if folder else ""
         at = "" if revision == "main" else f" at revision {revision}"
-        fetch = f"hpc-serve fetch {model} --hf-home {hf_home}" + ("" if revision == "main" else f" --revision {revision}")
+        fetch = f"hpc-serve fetch {model} --hf-home {hf_home}" + ("" if revision == "main" else
+                                                                 f" --revision {revision}")
         raise HpcServeError(
             f"{model}{at} is not in the Hugging Face cache at {where}{half}, and the nodes are offline (--offline).",
             f"Fetch it first, where the hub is reachable: {fetch}")

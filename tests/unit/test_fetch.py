@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 
 CLI = [sys.executable, "-m", "hpc_serve"]
 SHA = "0123456789abcdef0123456789abcdef01234567"
-TOKEN = "hf_NotARealTokenButSecretAllTheSame"
+TOKEN = f"test-token-{uuid.uuid4().hex}"  # made here: nothing secret-looking in the tree
 
 
 def run(*args, env=None):
