@@ -63,19 +63,33 @@ def api_process(port: int) -> int | None:
 
 
 def how_it_runs(pid: int | None) -> dict:
-    """CPU affinity, nice, threads and environment of a process and its children (names only)."""
+    """CPU affinity, nice, threads and environment of a process and its children (names only).
+    What this machine's /proc (gVisor or a VM) does not give is left out, never a failed run."""
     if pid is None:
         return {}
-    status = dict(line.split(":", 1) for line in Path("/proc", str(pid), "status").read_text().splitlines()
-                  if ":" in line)
-    stat = Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()
-    environ = dict(item.split("=", 1) for item in
-                   Path("/proc", str(pid), "environ").read_bytes().decode(errors="replace").split("\0") if "=" in item)
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return {"cpus_allowed": status["Cpus_allowed_list"].strip(), "nice": int(stat[16]),
-            "threads": int(status["Threads"]), "environ": environ,
-            "children": {c: Path("/proc", c, "status").read_text().split("Cpus_allowed_list:")[1].split()[0]
-                         for c in children if Path("/proc", c).exists()}}
+
+    def status_of(p) -> dict:
+        try:
+            text = Path("/proc", str(p), "status").read_text()
+        except OSError:  # gone meanwhile
+            return {}
+        return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+    info: dict = {}
+    try:
+        status = status_of(pid)
+        if not status:
+            return {"error": f"no /proc/{pid}/status"}
+        info["cpus_allowed"] = status.get("Cpus_allowed_list", "?").strip()
+        info["threads"] = int(status.get("Threads", "0"))
+        info["nice"] = int(Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()[16])
+        info["environ"] = dict(item.split("=", 1) for item in Path("/proc", str(pid), "environ").read_bytes()
+                               .decode(errors="replace").split("\0") if "=" in item)
+        children = [e for e in os.listdir("/proc") if e.isdigit() and status_of(e).get("PPid", "").strip() == str(pid)]
+        info["children"] = {c: status_of(c).get("Cpus_allowed_list", "?").strip() for c in children}
+    except (OSError, ValueError, IndexError) as error:
+        info["error"] = repr(error)
+    return info
 
 
 def shown(name: str, value: str) -> str:
