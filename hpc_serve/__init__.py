@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["HpcServeError", "plan", "render", "resolve", "submit", "__version__"]
+__all__ = ["HpcServeError", "deployment", "plan", "render", "resolve", "submit", "__version__"]
 
 from .errors import HpcServeError
 from .version import __version__
@@ -12,7 +12,7 @@ from .version import __version__
 
 def __getattr__(name: str) -> Any:
     # The API is imported on first use, so `import hpc_serve` (and the node agent) stays light.
-    if name in ("plan", "render", "resolve", "submit"):
+    if name in ("deployment", "plan", "render", "resolve", "submit"):
         from . import api
 
         return getattr(api, name)

@@ -74,9 +74,22 @@ def render(model: str | None = None, /, *, profile: str | None = None, **options
 
 @_options_signature
 def submit(model: str | None = None, /, *, profile: str | None = None, **options: Any) -> DeploymentHandle:
-    """Validate, then submit through submitit; returns the deployment (``wait_ready``, ``openai_client``)."""
+    """Validate, then submit through submitit; returns the deployment (``wait_ready``, ``openai_client``).
+    With ``replicas=N``: N deployments behind one router (docs/fleet.md); the group's entry is returned."""
     from .client.handle import DeploymentHandle
     from .job.submission import submit as submit_spec
 
-    spec, _ = resolve(model, profile=profile, **options)
+    spec, settings = resolve(model, profile=profile, **options)
+    if settings.values.get("replicas"):
+        from .fleet.group import fleet_options, submit_group
+
+        return DeploymentHandle.of(submit_group(spec, fleet_options(settings.values)))
     return DeploymentHandle.of(submit_spec(spec))
+
+
+def deployment(key: str, /, *, home: str | None = None) -> DeploymentHandle:
+    """A deployment or group already submitted, by job id or name (the newest of that name)."""
+    from .client.handle import DeploymentHandle
+    from .registry import Registry, registry_root
+
+    return DeploymentHandle.of(Registry(registry_root(home)).find(key))

@@ -4,6 +4,7 @@
         spec.json  plan.json  job.json  state.json  nodes/<rank>.json  logs/node-<rank>.log
         endpoint.json  timings/<rank>.json  beats/<rank>.json  preflight/<rank>.json
         api_key  ray.json  ray_token  bench/<time>.json (hpc-serve bench)
+        members.json (a group's router: hpc_serve.fleet)
 
 Folders are 0700 and files 0600 (they will hold API keys). Every write is atomic (temp file,
 fsync, rename) and retried on a stale NFS handle. Stdlib only: the node agent uses it too.
@@ -25,6 +26,8 @@ SPEC, PLAN, JOB, STATE, ENDPOINT = "spec.json", "plan.json", "job.json", "state.
 API_KEY, RAY, RAY_TOKEN, CANCEL = "api_key", "ray.json", "ray_token", "cancel.json"
 NODES, LOGS, TIMINGS, BEATS, ENDS, PREFLIGHT = "nodes", "logs", "timings", "beats", "ends", "preflight"
 BENCH = "bench"
+#: A group's router entry: who is in the router now (hpc_serve.fleet.keeper writes it).
+MEMBERS = "members.json"
 
 PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")

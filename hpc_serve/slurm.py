@@ -204,6 +204,11 @@ def scancel(job_id: str, timeout_s: float = 30.0) -> None:
             raise
 
 
+def release(job_id: str) -> None:
+    """Let a job submitted with ``--hold`` start; SlurmError when Slurm refuses."""
+    run(["scontrol", "release", job_id], timeout_s=60)
+
+
 def requeue(job_id: str) -> str | None:
     """Ask Slurm to requeue ``job_id`` (it ends this run and queues the job again); None when it
     accepted, else its reason."""

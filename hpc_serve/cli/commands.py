@@ -44,6 +44,9 @@ def cmd_render(ns: Args, vllm_args: list[str]) -> int:
     from ..job.sbatch import render_script
 
     spec, settings = _resolve(ns, vllm_args)
+    if settings.values.get("replicas"):
+        raise HpcServeError("render writes one job's script; --replicas makes several jobs and a router.",
+                            "Submit the group with: hpc-serve submit MODEL --replicas N ...")
     views.show_sizing(settings.sizing, brief=True)
     views.warn(spec.warnings)
     script = render_script(spec, settings.sources, command=_command_line(ns.argv, vllm_args))
@@ -85,6 +88,8 @@ def cmd_submit(ns: Args, vllm_args: list[str]) -> int:
     spec, settings = _resolve(ns, vllm_args)
     views.show_sizing(settings.sizing, brief=True)
     views.warn(spec.warnings)
+    if settings.values.get("replicas"):
+        return _submit_group(ns, spec, settings)
     dep = submit(spec)
     print(f"submitted {dep.id} ({spec.name}): {spec.model} on {spec.layout.nodes} node(s)")
     print(f"registry: {dep.path}")
@@ -92,6 +97,19 @@ def cmd_submit(ns: Args, vllm_args: list[str]) -> int:
     if ns.no_wait:
         return 0
     return _wait(dep, None, ns.timeout, settings.values.get("login_host"))
+
+
+def _submit_group(ns: Args, spec, settings) -> int:
+    from ..fleet.group import fleet_options, submit_group
+
+    router = submit_group(spec, fleet_options(settings.values))
+    slots = router.job.get("slots", [])
+    print(f"submitted group {spec.name}: {len(slots)} replica(s) ({', '.join(slots)}) of {spec.model} on "
+          f"{spec.layout.nodes} node(s) each, router {router.id} ({router.job.get('executor')})")
+    print(f"follow it with: hpc-serve status {spec.name}   |   hpc-serve logs {spec.name} -f", flush=True)
+    if ns.no_wait:
+        return 0
+    return _wait(router, None, ns.timeout, settings.values.get("login_host"))
 
 
 def _wait(target, home: str | None, timeout_s: float | None, login_host: str | None) -> int:
@@ -137,6 +155,9 @@ def cmd_status(ns: Args, vllm_args: list[str]) -> int:
         return views.watch_status(lambda: client.status(ns.id, home))
     if ns.id:
         rows = [client.status(ns.id, home)]
+        group = _group_of(rows[0].id, home)
+        if group is not None:
+            return _show_group(group, rows[0], ns.json)
     else:
         rows = client.statuses(home, include_ended=getattr(ns, "all", False))
     if ns.json:
@@ -147,6 +168,57 @@ def cmd_status(ns: Args, vllm_args: list[str]) -> int:
         print("no live deployments (hpc-serve list --all shows ended ones)")
     else:
         views.status_table(rows)
+    return 0
+
+
+def _group_of(dep_id: str, home: str | None):
+    """The router entry ``dep_id`` if it is one (hpc_serve.fleet), else None."""
+    from ..fleet.group import is_router
+    from ..registry import Registry, registry_root
+
+    dep = Registry(registry_root(home)).deployment(dep_id)
+    return dep if is_router(dep) else None
+
+
+def _show_group(router, row, as_json: bool) -> int:
+    from ..client import control as client
+    from ..fleet.group import members, replicas
+
+    view = client.queue_view(replicas(router))
+    rows = [client.describe(dep, view) for dep in replicas(router)]
+    listed = members(router)
+    if as_json:
+        import json
+
+        print(json.dumps({**row.to_dict(), "replicas": [r.to_dict() for r in rows], "members": listed}, indent=2))
+        return 0
+    views.status_table([row])
+    print("\nreplicas:")
+    if rows:
+        views.status_table(rows)
+    else:
+        print("  none yet")
+    print("\nin the router (requests sent to each):" if listed else "\nin the router: none")
+    for entry in listed:
+        print(f"  {entry['id']:<12} {entry['url']:<32} {entry.get('requests', 0)} request(s)")
+    return 0
+
+
+def cmd_scale(ns: Args, vllm_args: list[str]) -> int:
+    from ..fleet.group import scale
+    from ..registry import Registry, registry_root
+
+    home = _client_settings()["home"]
+    router = _group_of(Registry(registry_root(home)).find(ns.id).id, home)
+    if router is None:
+        raise HpcServeError(f"{ns.id} is not a group.", "Scale a group made with: hpc-serve submit MODEL --replicas N.")
+    added, cancelled = scale(router, ns.count)
+    if added:
+        print(f"submitted {len(added)} replica(s): {', '.join(added)} (they join the router when READY)")
+    if cancelled:
+        print(f"cancelled {len(cancelled)} replica(s): {', '.join(cancelled)}")
+    if not added and not cancelled:
+        print(f"group {router.job.get('name')} already has {ns.count} replica(s)")
     return 0
 
 
@@ -296,6 +368,18 @@ def cmd_cancel(ns: Args, vllm_args: list[str]) -> int:
         return 0
     if not ns.id:
         raise HpcServeError("Say which deployment to cancel.", "hpc-serve cancel ID, or --all.")
+    from ..registry import Registry, registry_root
+
+    group = _group_of(Registry(registry_root(home)).find(ns.id).id, home)
+    if group is not None:
+        from ..fleet.group import cancel_group
+
+        ended = cancel_group(group)
+        if not ended:
+            raise HpcServeError(f"Group {ns.id} has already ended.", "Nothing to cancel; 'hpc-serve list' shows the live ones.")
+        print(f"cancelled group {group.job.get('name')}: the router {group.id} and {len(ended) - (group.id in ended)} "
+              f"replica(s)" + (f" ({', '.join(i for i in ended if i != group.id)})" if len(ended) > 1 else ""))
+        return 0
     row = client.cancel(ns.id, home)
     print(f"cancelled {row.id}: {row.phase}, Slurm: {row.slurm_state}")
     return 0
@@ -311,6 +395,6 @@ def cmd_demo(ns: Args, vllm_args: list[str]) -> int:
 HANDLERS = {
     "render": cmd_render, "plan": cmd_plan, "submit": cmd_submit, "wait": cmd_wait, "status": cmd_status,
     "list": cmd_status, "endpoint": cmd_endpoint, "tunnel": cmd_tunnel, "smoke": cmd_smoke,
-    "fetch": cmd_fetch, "bench": cmd_bench, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo,
+    "fetch": cmd_fetch, "bench": cmd_bench, "scale": cmd_scale, "logs": cmd_logs, "cancel": cmd_cancel, "demo": cmd_demo,
     "config": cmd_config_show,
 }

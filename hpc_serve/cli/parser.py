@@ -14,7 +14,7 @@ from ..planner.options import AUTO, AUTO_OPTIONS, OPTIONS, Option
 from ..version import __version__
 
 #: The help groups of the deployment flags, in order (``Option.group``).
-SPEC_GROUPS = ("layout", "resources", "node setup")
+SPEC_GROUPS = ("layout", "resources", "node setup", "fleet")
 #: The flags of submit/render/plan: the options that have a help group.
 SPEC_FLAGS: tuple[Option, ...] = tuple(option for option in OPTIONS if option.group is not None)
 
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--vllm-cmd", metavar="CMD",
                        help="vLLM to run it with (default: vllm on PATH, else the deployment's engine command)")
     bench.add_argument("--json", action="store_true", help="print vLLM's results as JSON")
+
+    scale = sub.add_parser("scale", help="change how many replicas a group (submit --replicas) serves with")
+    _id(scale)
+    scale.add_argument("count", type=int, metavar="N", help="replicas wanted (more are submitted, the newest cancelled)")
 
     logs = sub.add_parser("logs", help="show a node's log of a deployment")
     _id(logs)

@@ -62,6 +62,25 @@ def _layout_text(spec: dict) -> str:
     return text + (" ep" if lay.get("ep") else "") + f" {lay['launcher']}"
 
 
+def _layout_of(spec: dict, job: dict) -> str:
+    if job.get("kind") == "router":
+        return f"router of {len(job.get('slots', []))} ({job.get('executor', 'slurm')})"
+    return _layout_text(spec)
+
+
+def live_group_named(registry: Registry, name: str) -> bool:
+    """Whether a live group (a router entry, hpc_serve.fleet) already has this name."""
+    routers = []
+    for dep in registry.all():
+        try:
+            if dep.job.get("kind") == "router" and dep.job.get("name") == name:
+                routers.append(dep)
+        except CorruptRecord:
+            continue
+    view = queue_view(routers) if routers else None
+    return any(describe(dep, view).live for dep in routers)
+
+
 def _local_alive(job: dict) -> bool:
     try:
         os.kill(int(job.get("slurm_job_id", "0")), 0)
@@ -120,7 +139,7 @@ def describe(dep: Deployment, view: QueueView | None) -> DeploymentStatus:
     restarts = tuple(entry["reason"].partition("\n")[0] for entry in state.get("history", ())
                      if entry.get("phase") == "RESTARTING")
     return DeploymentStatus(
-        id=dep.id, name=job.get("name", ""), model=spec.get("model", "?"), layout=_layout_text(spec),
+        id=dep.id, name=job.get("name", ""), model=spec.get("model", "?"), layout=_layout_of(spec, job),
         slurm_state=slurm_state, phase=phase, reason=state.get("reason", ""), endpoint=endpoint,
         age_s=max(0.0, time.time() - submitted),
         nodes_reported=len(_safe_nodes(dep, state.get("restart", 0))), problem=problem, restarts=restarts)
@@ -153,7 +172,7 @@ def status(key: str, home: str | None = None, live: bool = True) -> DeploymentSt
     dep = _registry(home).find(key)
     row = replace(describe(dep, queue_view([dep])), startup=startup_phases(dep), preflight=preflight_rows(dep))
     base = (dep.endpoint or {}).get("base")
-    if live and row.phase == "READY" and row.live and base:
+    if live and row.phase == "READY" and row.live and base and dep.job.get("kind") != "router":
         from .metrics import live_load
 
         load, problem = live_load(base, dep.api_key)

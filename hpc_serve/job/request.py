@@ -33,6 +33,7 @@ class SlurmRequest:
     exclusive: bool
     requeue: bool = True  # preemption and --max-restarts requeue the job
     signal_before_end_s: int = SIGNAL_BEFORE_END_S
+    hold: bool = False  # submitted held: registered first, then released (a group's jobs)
 
     def directives(self) -> list[str]:
         """The ``#SBATCH`` options, in the order the script shows them (no ``--output``)."""
@@ -59,19 +60,33 @@ class SlurmRequest:
         """The same request as submitit's SlurmExecutor parameters (submitit signals with USR2)."""
         return {
             "job_name": self.job_name, "nodes": self.nodes, "ntasks_per_node": 1,
-            "gpus_per_node": self.gpus_per_node, "partition": self.partition, "account": self.account,
+            "gpus_per_node": self.gpus_per_node or None, "partition": self.partition, "account": self.account,
             "qos": self.qos, "constraint": self.constraint, "cpus_per_task": self.cpus_per_task,
             "mem": self.mem, "time": self.time_minutes, "exclusive": self.exclusive or None,
             "signal_delay_s": self.signal_before_end_s, "wckey": None, "srun_args": self.srun_args(),
-            "additional_parameters": {"requeue": True} if self.requeue else {},
+            "additional_parameters": {**({"requeue": True} if self.requeue else {}),
+                                      **({"hold": True} if self.hold else {})},
         }
 
 
-def slurm_request(spec: DeploymentSpec) -> SlurmRequest:
+#: What a group's router job asks for: vllm-router and the key front need little.
+ROUTER_CPUS, ROUTER_MEM = 2, "2G"
+
+
+def router_request(spec: DeploymentSpec, partition: str | None, time_minutes: int | None) -> SlurmRequest:
+    """The Slurm request of a group's router (hpc_serve.fleet): one node, no GPU, held."""
+    time = None if time_minutes is None else f"{time_minutes}"
+    return SlurmRequest(
+        job_name=f"{spec.name}-router", nodes=1, gpus_per_node=0, cpus_per_task=ROUTER_CPUS, mem=ROUTER_MEM,
+        time=time, time_minutes=time_minutes, partition=partition or spec.partition, account=spec.account,
+        qos=spec.qos, constraint=None, exclusive=False, requeue=False, signal_before_end_s=60, hold=True)
+
+
+def slurm_request(spec: DeploymentSpec, hold: bool = False) -> SlurmRequest:
     """The Slurm request of ``spec`` (its values were checked when the spec was built)."""
     return SlurmRequest(
         job_name=spec.name, nodes=spec.layout.nodes, gpus_per_node=spec.layout.gpus_per_node,
         cpus_per_task=spec.cpus_per_node, mem=spec.memory, time=spec.time, time_minutes=spec.time_minutes,
         partition=spec.partition, account=spec.account, qos=spec.qos, constraint=spec.constraint,
-        exclusive=spec.exclusive,
+        exclusive=spec.exclusive, hold=hold,
     )

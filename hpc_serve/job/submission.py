@@ -20,7 +20,7 @@ from ..node.args import to_node_args
 from ..registry import JOB, NODES, PLAN, SPEC, Deployment, Registry, registry_root
 from ..slurm import which
 from ..planner.spec import DeploymentSpec
-from .request import slurm_request
+from .request import router_request, slurm_request
 
 def _setup_lines(spec: DeploymentSpec, root: str) -> list[str]:
     from .sbatch import render_template
@@ -57,7 +57,7 @@ def local_gpus(needed: int, environ: dict[str, str] | None = None) -> list[str]:
     return devices[:needed]
 
 
-def _executor(spec: DeploymentSpec, root: str):
+def _executor(spec: DeploymentSpec, root: str, hold: bool = False):
     import submitit
 
     folder = os.path.join(root, "submitit", "%j")
@@ -74,7 +74,7 @@ def _executor(spec: DeploymentSpec, root: str):
         raise HpcServeError("sbatch is not on PATH: this machine is not a Slurm login node.",
                             "Run on a login node, or use --executor local to serve on this machine.")
     executor = submitit.SlurmExecutor(folder=folder)
-    params = {**slurm_request(spec).submitit_parameters(), "setup": _setup_lines(spec, root)}
+    params = {**slurm_request(spec, hold).submitit_parameters(), "setup": _setup_lines(spec, root)}
     executor.update_parameters(**params)
     return executor
 
@@ -98,25 +98,47 @@ def _detached_output(active: bool):
             os.close(fd)
 
 
-def submit(spec: DeploymentSpec) -> Deployment:
-    """Submit ``spec``; return its registry entry (state PENDING until a node reports)."""
-    registry = Registry(registry_root(spec.home))
-    registry.check_writable()
-    executor = _executor(spec, registry.root)
-    lay = spec.layout
-    gpus = ",".join(local_gpus(lay.nodes * lay.gpus_per_node)) if spec.executor == "local" else None
-    from ..node.agent import run_task
-
-    asked_at = time.time()
+def _submitted(executor, local: bool, task, *args):
+    """submitit's job for ``task(*args)``; HpcServeError with sbatch's reason when Slurm refuses."""
     try:
         # submitit echoes sbatch's stderr on failure; the reason is reported once, below.
-        with contextlib.redirect_stderr(io.StringIO()), _detached_output(spec.executor == "local"):
-            job = executor.submit(run_task, spec.model, to_node_args(spec), registry.root, gpus)
+        with contextlib.redirect_stderr(io.StringIO()), _detached_output(local):
+            return executor.submit(task, *args)
     except Exception as exc:  # submitit wraps sbatch's refusal in its own error types
         if type(exc).__name__ not in ("FailedJobError", "CalledProcessError", "FileNotFoundError"):
             raise
         raise HpcServeError(f"Slurm refused the job: {_sbatch_reason(str(exc))}",
                             "Check --partition, --nodes and --gpus-per-node against 'sinfo'.") from None
+
+
+def submit_router(spec: DeploymentSpec, partition: str | None, time_minutes: int | None) -> str:
+    """Submit a group's router job (hpc_serve.fleet.keeper), held; return its job id."""
+    import submitit
+
+    from ..fleet.keeper import run_task as run_router
+
+    root = registry_root(spec.home)
+    if which("sbatch") is None:
+        raise HpcServeError("sbatch is not on PATH: the router cannot run as a Slurm job from here.",
+                            "Run on a login node, or keep the router on this machine: --router local.")
+    executor = submitit.SlurmExecutor(folder=os.path.join(root, "submitit", "%j"))
+    params = router_request(spec, partition, time_minutes).submitit_parameters()
+    executor.update_parameters(**{**params, "setup": _setup_lines(spec, root)})
+    return str(_submitted(executor, False, run_router, root).job_id)
+
+
+def submit(spec: DeploymentSpec, hold: bool = False) -> Deployment:
+    """Submit ``spec``; return its registry entry (state PENDING until a node reports). ``hold``:
+    the job waits for ``slurm.release`` (its entry can be completed before it starts)."""
+    registry = Registry(registry_root(spec.home))
+    registry.check_writable()
+    executor = _executor(spec, registry.root, hold)
+    lay = spec.layout
+    gpus = ",".join(local_gpus(lay.nodes * lay.gpus_per_node)) if spec.executor == "local" else None
+    from ..node.agent import run_task
+
+    asked_at = time.time()
+    job = _submitted(executor, spec.executor == "local", run_task, spec.model, to_node_args(spec), registry.root, gpus)
     job_id = str(job.job_id) if spec.executor == "slurm" else f"local-{job.job_id}"
     dep = registry.deployment(job_id)
     if os.path.isdir(dep.path) and (dep.read(dep.rank_file(NODES, 0), {}) or {}).get("started", 0) < asked_at:

@@ -209,7 +209,16 @@ def _check_all2all(value: str) -> None:
     check_all2all_backend(value)
 
 
-_LAYOUT, _RESOURCES, _SETUP = "layout", "resources", "node setup"
+def _check_replicas(count: int) -> None:
+    if not 1 <= count <= MAX_REPLICAS:
+        raise HpcServeError(f"--replicas must be between 1 and {MAX_REPLICAS} (got {count}).",
+                            "Give how many copies of the deployment serve behind one router, e.g. --replicas 2.")
+
+
+_LAYOUT, _RESOURCES, _SETUP, _FLEET = "layout", "resources", "node setup", "fleet"
+ROUTERS = ("slurm", "local")
+ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin", "random", "consistent_hash")
+MAX_REPLICAS = 64
 
 #: Every option, in the order of the CLI's help (and of the node agent's argv).
 OPTIONS: tuple[Option, ...] = (
@@ -272,6 +281,16 @@ OPTIONS: tuple[Option, ...] = (
            "once READY", _SETUP),
     Option("renew_before", "int", 30, "minutes before the limit to submit it (default 30)", _SETUP),
     Option("executor", "str", "slurm", "slurm (default) or local", _SETUP, choices=EXECUTORS),
+    Option("replicas", "int", None, "serve N copies, each its own Slurm job, behind one router and one "
+           "URL (docs/fleet.md)", _FLEET, check=_check_replicas, in_spec=False, to_node=False),
+    Option("router", "str", "slurm", "where the router runs: slurm (its own small job, default) or local "
+           "(this machine)", _FLEET, choices=ROUTERS, in_spec=False, to_node=False),
+    Option("router_policy", "str", "cache_aware", "vllm-router's policy (default cache_aware)", _FLEET,
+           choices=ROUTER_POLICIES, in_spec=False, to_node=False),
+    Option("router_partition", "str", None, "partition of the router's job (default: --partition)", _FLEET,
+           check=_directive("router-partition", "partition name"), in_spec=False, to_node=False),
+    Option("router_cmd", "str", "vllm-router", "vllm-router's command (default 'vllm-router')", _FLEET,
+           check=_command("router-cmd", "vllm-router", "a command"), in_spec=False, to_node=False),
     Option(PASSTHROUGH, "list", (), "arguments for vLLM (after --)"),
     Option("home", "str", "~/.hpc-serve", "the deployment registry"),
     Option("python", "str", "python3", "the interpreter that runs the node agent"),

@@ -146,6 +146,11 @@ def build_spec(
     hf_home: str | None = None,
     offline: bool = False,
     open_metrics: bool = False,
+    replicas: int | None = None,
+    router: str = "slurm",
+    router_policy: str = "cache_aware",
+    router_partition: str | None = None,
+    router_cmd: str = "vllm-router",
 ) -> DeploymentSpec:
     """Validate every input and resolve the layout; raise HpcServeError naming the fix."""
     return spec_from_options(dict(locals()))

@@ -39,15 +39,16 @@ def test_help_lists_the_contract():
     listed = [line.split()[0] for line in done.stdout.split("positional arguments:")[1].split("options:")[0]
               .splitlines()[2:] if line.startswith("    ") and not line.startswith("     ")]
     assert listed == ["render", "plan", "submit", "wait", "status", "list", "endpoint", "tunnel", "smoke",
-                      "fetch", "bench", "logs", "cancel", "demo", "config"]
+                      "fetch", "bench", "scale", "logs", "cancel", "demo", "config"]
 
 
 def test_render_help_shows_option_groups_from_the_options_table():
+    from hpc_serve.cli.parser import SPEC_GROUPS
     from hpc_serve.planner.options import OPTIONS
 
     out = run("render", "--help", env={"COLUMNS": "200"}).stdout
     sections = {title: " ".join(out.split(f"\n{title}:\n")[1].split("\n\n")[0].split())
-                for title in ("layout", "resources", "node setup")}
+                for title in SPEC_GROUPS}
     for option in (option for option in OPTIONS if option.group is not None):
         metavar = {"bool": "", "list": " VALUE"}.get(option.kind, " " + option.name.split("_")[0].upper())
         flags = ", ".join(flag + metavar for flag in (option.flag, *option.aliases))

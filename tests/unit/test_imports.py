@@ -13,10 +13,11 @@ ALLOWED = {
     "registry": {"errors"}, "slurm": {"errors"},
     "planner": {"errors", "vllm_auth"},  # vllm_args names the middleware
     "node": {"errors", "planner", "registry", "slurm", "vllm_auth"},
-    "job": {"errors", "version", "planner", "registry", "slurm", "node"},
+    "job": {"errors", "version", "planner", "registry", "slurm", "node", "fleet"},  # fleet: the router's task
     "client": {"errors", "planner", "registry", "slurm"},
+    "fleet": {"errors", "planner", "registry", "slurm", "node", "job", "client"},
 }
-NODE_SIDE = ("planner", "node", "registry", "slurm", "errors", "vllm_auth")
+NODE_SIDE = ("planner", "node", "registry", "slurm", "errors", "vllm_auth", "fleet")
 #: Imports inside a function that runs only where the package is present.
 GUARDED = {"node.agent": {"submitit"},  # run_task: the function a submitit job runs
            "planner.settings": {"tomli"},  # Python < 3.11 only, in place of tomllib

@@ -202,6 +202,13 @@ BAD = {
                       "Give how long a start-up may go without new engine output, e.g. --stall-timeout 1800."),
     "gpu_memory": (0, "--gpu-memory must be at least 1 GiB (got 0).",
                    "Give the memory of one GPU in GiB, e.g. --gpu-memory 80."),
+    "replicas": (0, "--replicas must be between 1 and 64 (got 0).",
+                 "Give how many copies of the deployment serve behind one router, e.g. --replicas 2."),
+    "router": ("k8s", "Unknown router 'k8s'.", "Use one of: slurm, local."),
+    "router_policy": ("fastest", "Unknown router_policy 'fastest'.",
+                      "Use one of: cache_aware, power_of_two, round_robin, random, consistent_hash."),
+    "router_partition": ("cpu;x", f"--router-partition 'cpu;x' {_SBATCH}", "Give a plain Slurm partition name."),
+    "router_cmd": ("", "--router-cmd is empty.", "Leave it out for 'vllm-router', or name a command."),
 }
 
 
