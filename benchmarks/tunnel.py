@@ -79,6 +79,29 @@ def load(url: str, key: str, model: str, clients: int, requests: int) -> tuple[f
     return len(ttfts) / (time.perf_counter() - start), statistics.median(ttfts)
 
 
+def alternating_rounds(count: int, paths: dict[str, str], key: str, model: str, clients: int,
+                       requests: int) -> list[dict[str, tuple[float, float]]]:
+    """``count`` rounds of ``load`` on each path (name -> URL), in their order in even rounds and
+    in the reverse order in odd ones; each round's (requests/s, median TTFT) per path."""
+    rounds = []
+    for index in range(count):
+        order = list(paths.items())
+        measured = {}
+        for name, url in order if index % 2 == 0 else order[::-1]:
+            measured[name] = load(url, key, model, clients, requests)
+        rounds.append(measured)
+        print(f"round {index + 1}: " + "; ".join(f"{name} {rate:.2f} req/s ttft {ttft * 1000:.1f} ms"
+                                                for name, (rate, ttft) in measured.items()), flush=True)
+    return rounds
+
+
+def medians(rounds: list[dict], baseline: str, other: str) -> tuple[float, float, float, float]:
+    """Medians over rounds: (other/baseline throughput ratio, added TTFT in ms, baseline req/s, other req/s)."""
+    return (statistics.median(r[other][0] / r[baseline][0] for r in rounds),
+            statistics.median((r[other][1] - r[baseline][1]) * 1000 for r in rounds),
+            statistics.median(r[baseline][0] for r in rounds), statistics.median(r[other][0] for r in rounds))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -115,23 +138,14 @@ def main() -> int:
         model = endpoint["served_model"]
         load(endpoint["url"], key, model, args.clients, 1)  # warm-up, both paths
         load(tunnel_url, key, model, args.clients, 1)
-        for index in range(args.rounds):
-            order = [("direct", endpoint["url"]), ("tunnel", tunnel_url)]
-            measured = {}
-            for name, url in order if index % 2 == 0 else order[::-1]:
-                measured[name] = load(url, key, model, args.clients, args.requests)
-            rounds.append(measured)
-            print(f"round {index + 1}: direct {measured['direct'][0]:.2f} req/s ttft {measured['direct'][1]*1000:.1f} ms; "
-                  f"tunnel {measured['tunnel'][0]:.2f} req/s ttft {measured['tunnel'][1]*1000:.1f} ms", flush=True)
+        rounds = alternating_rounds(args.rounds, {"direct": endpoint["url"], "tunnel": tunnel_url}, key, model,
+                                    args.clients, args.requests)
         subprocess.run([*CLI, "tunnel", job, "--close"], env=env, capture_output=True)
         subprocess.run([*CLI, "cancel", job], env=env, capture_output=True)
     finally:
         sshd.stop()
         localcluster.down()
-    ratio = statistics.median(r["tunnel"][0] / r["direct"][0] for r in rounds)
-    added = statistics.median((r["tunnel"][1] - r["direct"][1]) * 1000 for r in rounds)
-    direct = statistics.median(r["direct"][0] for r in rounds)
-    through = statistics.median(r["tunnel"][0] for r in rounds)
+    ratio, added, direct, through = medians(rounds, "direct", "tunnel")
     text = "\n".join([
         f"Median of {args.rounds} alternating rounds; each round {args.clients} concurrent clients x "
         f"{args.requests} streaming chat requests (16 tokens) per path; `python benchmarks/tunnel.py"

@@ -114,7 +114,7 @@ class Keeper:
             signal.signal(signum, self._signal)
         job = self.dep.job
         port, metrics_port = free_port(), free_port()
-        argv = router_argv(job.get("router_cmd", "vllm-router"), port, metrics_port, job.get("policy", "cache_aware"))
+        argv = router_argv(job.get("router_cmd", "vllm-router"), port, metrics_port, job.get("policy", "round_robin"))
         self.dep.set_phase("STARTING", "starting vllm-router")
         self.log(f"starting: {' '.join(argv)}")
         try:

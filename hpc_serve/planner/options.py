@@ -217,7 +217,9 @@ def _check_replicas(count: int) -> None:
 
 _LAYOUT, _RESOURCES, _SETUP, _FLEET = "layout", "resources", "node setup", "fleet"
 ROUTERS = ("slurm", "local")
-ROUTER_POLICIES = ("cache_aware", "power_of_two", "round_robin", "random", "consistent_hash")
+#: vllm-router's policies that start with no worker (its power_of_two refuses to: "requires at
+#: least 2 workers"), as the keeper starts it before any replica is READY.
+ROUTER_POLICIES = ("cache_aware", "round_robin", "random", "consistent_hash")
 MAX_REPLICAS = 64
 
 #: Every option, in the order of the CLI's help (and of the node agent's argv).
@@ -285,7 +287,7 @@ OPTIONS: tuple[Option, ...] = (
            "URL (docs/fleet.md)", _FLEET, check=_check_replicas, in_spec=False, to_node=False),
     Option("router", "str", "slurm", "where the router runs: slurm (its own small job, default) or local "
            "(this machine)", _FLEET, choices=ROUTERS, in_spec=False, to_node=False),
-    Option("router_policy", "str", "cache_aware", "vllm-router's policy (default cache_aware)", _FLEET,
+    Option("router_policy", "str", "round_robin", "vllm-router's policy (default round_robin)", _FLEET,
            choices=ROUTER_POLICIES, in_spec=False, to_node=False),
     Option("router_partition", "str", None, "partition of the router's job (default: --partition)", _FLEET,
            check=_directive("router-partition", "partition name"), in_spec=False, to_node=False),

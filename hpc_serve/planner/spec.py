@@ -148,7 +148,7 @@ def build_spec(
     open_metrics: bool = False,
     replicas: int | None = None,
     router: str = "slurm",
-    router_policy: str = "cache_aware",
+    router_policy: str = "round_robin",
     router_partition: str | None = None,
     router_cmd: str = "vllm-router",
 ) -> DeploymentSpec:

@@ -206,7 +206,7 @@ BAD = {
                  "Give how many copies of the deployment serve behind one router, e.g. --replicas 2."),
     "router": ("k8s", "Unknown router 'k8s'.", "Use one of: slurm, local."),
     "router_policy": ("fastest", "Unknown router_policy 'fastest'.",
-                      "Use one of: cache_aware, power_of_two, round_robin, random, consistent_hash."),
+                      "Use one of: cache_aware, round_robin, random, consistent_hash."),
     "router_partition": ("cpu;x", f"--router-partition 'cpu;x' {_SBATCH}", "Give a plain Slurm partition name."),
     "router_cmd": ("", "--router-cmd is empty.", "Leave it out for 'vllm-router', or name a command."),
 }
