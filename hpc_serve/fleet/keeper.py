@@ -1,7 +1,8 @@
 """The group's keeper: vllm-router, the key front and the membership, in one process. Stdlib only.
 
-It runs as the group's own small Slurm job, or on the submitting machine (``--router local``),
-under the router's registry entry ``deployments/<id>/``: spec.json (the replicas' spec), job.json
+It runs as the group's own small Slurm job (the group's URL also in the job's comment), or on the
+submitting machine (``--router local``), under the router's registry entry ``deployments/<id>/``:
+spec.json (the replicas' spec), job.json
 (``kind: router``, ``slots``: the replicas' ids, the router's command and policy), api_key (the
 group's), state.json, endpoint.json (the front's address, once a replica is in), members.json
 (who is in the router and how many requests each got) and logs/node-0.log (`hpc-serve logs NAME`).
@@ -221,13 +222,23 @@ class Keeper:
                                   "served_model": served.get("served_model"),
                                   "api_key_file": self.dep.file(API_KEY) if self.dep.api_key else None})
         self.published = True
+        self._comment(f"{url}/v1")
         self.log(f"READY at {url}/v1")
+
+    def _comment(self, text: str) -> None:
+        """The group's URL in the router job's Slurm comment (``squeue -o %k``), as a deployment's."""
+        if self.dep.job.get("executor") == "slurm":
+            from ..node.publish import set_job_comment
+
+            set_job_comment(self.dep.slurm_job_id, text, self.log)
 
     def _end(self, phase: str, reason: str) -> int:
         self.dep.remove(ENDPOINT)
         self.dep.remove(MEMBERS)
         if self.dep.phase not in TERMINAL:
             self.dep.set_phase(phase, reason)
+        if self.published:
+            self._comment("")
         self.log(f"{phase}: {reason}")
         return 0 if phase != "FAILED" else 1
 

@@ -116,6 +116,9 @@ def test_two_replicas_serve_through_one_url_and_keep_serving_through_a_restart_a
     nodes = {replica: allocated_nodes(cluster, replica)[0] for replica in (first, second)}
     assert len(set(nodes.values())) == 2, nodes  # --exclusive: one node each
     url = run_cli("endpoint", "grp").stdout.strip()
+    comment = subprocess.run(["squeue", "-h", "-j", router, "-o", "%k"], env=cluster.env, capture_output=True,
+                             text=True).stdout.strip()
+    assert comment == url  # published like a deployment's
     key = (home / "deployments" / router / "api_key").read_text()
     assert all((home / "deployments" / r / "api_key").read_text() == key for r in (first, second))
 
