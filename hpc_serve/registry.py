@@ -26,8 +26,9 @@ SPEC, PLAN, JOB, STATE, ENDPOINT = "spec.json", "plan.json", "job.json", "state.
 API_KEY, RAY, RAY_TOKEN, CANCEL = "api_key", "ray.json", "ray_token", "cancel.json"
 NODES, LOGS, TIMINGS, BEATS, ENDS, PREFLIGHT = "nodes", "logs", "timings", "beats", "ends", "preflight"
 BENCH = "bench"
-#: A group's router entry: who is in the router now (hpc_serve.fleet.keeper writes it).
-MEMBERS = "members.json"
+#: A group's router entry: who is in the router now (hpc_serve.fleet.keeper writes it), and the
+#: ``kind`` in its job.json.
+MEMBERS, ROUTER = "members.json", "router"
 
 PHASES = ("PENDING", "STARTING", "LOADING", "READY", "RESTARTING", "FAILED", "STOPPED", "TIMEOUT")
 TERMINAL = ("FAILED", "STOPPED", "TIMEOUT")

@@ -171,12 +171,12 @@ def cmd_status(ns: Args, vllm_args: list[str]) -> int:
     return 0
 
 
-def _group_of(dep_id: str, home: str | None):
-    """The router entry ``dep_id`` if it is one (hpc_serve.fleet), else None."""
+def _group_of(key: str, home: str | None):
+    """The router entry that ``key`` (an id or a name) finds, if it is one (hpc_serve.fleet), else None."""
     from ..fleet.group import is_router
     from ..registry import Registry, registry_root
 
-    dep = Registry(registry_root(home)).deployment(dep_id)
+    dep = Registry(registry_root(home)).find(key)
     return dep if is_router(dep) else None
 
 
@@ -184,8 +184,9 @@ def _show_group(router, row, as_json: bool) -> int:
     from ..client import control as client
     from ..fleet.group import members, replicas
 
-    view = client.queue_view(replicas(router))
-    rows = [client.describe(dep, view) for dep in replicas(router)]
+    group = replicas(router)
+    view = client.queue_view(group)
+    rows = [client.describe(dep, view) for dep in group]
     listed = members(router)
     if as_json:
         import json
@@ -206,10 +207,8 @@ def _show_group(router, row, as_json: bool) -> int:
 
 def cmd_scale(ns: Args, vllm_args: list[str]) -> int:
     from ..fleet.group import scale
-    from ..registry import Registry, registry_root
 
-    home = _client_settings()["home"]
-    router = _group_of(Registry(registry_root(home)).find(ns.id).id, home)
+    router = _group_of(ns.id, _client_settings()["home"])
     if router is None:
         raise HpcServeError(f"{ns.id} is not a group.", "Scale a group made with: hpc-serve submit MODEL --replicas N.")
     added, cancelled = scale(router, ns.count)
@@ -368,9 +367,7 @@ def cmd_cancel(ns: Args, vllm_args: list[str]) -> int:
         return 0
     if not ns.id:
         raise HpcServeError("Say which deployment to cancel.", "hpc-serve cancel ID, or --all.")
-    from ..registry import Registry, registry_root
-
-    group = _group_of(Registry(registry_root(home)).find(ns.id).id, home)
+    group = _group_of(ns.id, home)
     if group is not None:
         from ..fleet.group import cancel_group
 

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Iterator
 
 from ..errors import HpcServeError
-from ..registry import ENDPOINT, JOB, STATE, TERMINAL, CorruptRecord, Deployment, Registry, registry_root
+from ..registry import ENDPOINT, JOB, ROUTER, STATE, TERMINAL, CorruptRecord, Deployment, Registry, registry_root
 from ..slurm import QueueView, queue_watcher, scancel
 from .metrics import EngineLoad
 
@@ -63,7 +63,7 @@ def _layout_text(spec: dict) -> str:
 
 
 def _layout_of(spec: dict, job: dict) -> str:
-    if job.get("kind") == "router":
+    if job.get("kind") == ROUTER:
         return f"router of {len(job.get('slots', []))} ({job.get('executor', 'slurm')})"
     return _layout_text(spec)
 
@@ -73,7 +73,7 @@ def live_group_named(registry: Registry, name: str) -> bool:
     routers = []
     for dep in registry.all():
         try:
-            if dep.job.get("kind") == "router" and dep.job.get("name") == name:
+            if dep.job.get("kind") == ROUTER and dep.job.get("name") == name:
                 routers.append(dep)
         except CorruptRecord:
             continue
@@ -172,7 +172,7 @@ def status(key: str, home: str | None = None, live: bool = True) -> DeploymentSt
     dep = _registry(home).find(key)
     row = replace(describe(dep, queue_view([dep])), startup=startup_phases(dep), preflight=preflight_rows(dep))
     base = (dep.endpoint or {}).get("base")
-    if live and row.phase == "READY" and row.live and base and dep.job.get("kind") != "router":
+    if live and row.phase == "READY" and row.live and base and dep.job.get("kind") != ROUTER:
         from .metrics import live_load
 
         load, problem = live_load(base, dep.api_key)
@@ -315,21 +315,25 @@ def cancel(key: str, home: str | None = None, timeout_s: float = 30.0) -> Deploy
 _REGISTRY_POLL_S = 0.1
 
 
+def stop_job(dep: Deployment) -> None:
+    """Mark ``dep`` cancelled, then end its job: SIGTERM to a local one, scancel to Slurm's."""
+    dep.mark_cancel()  # before the signal: the agents then know it is the user's cancel
+    if dep.job.get("executor") == "local":
+        try:
+            os.kill(int(dep.slurm_job_id), signal.SIGTERM)
+        except (OSError, ValueError):
+            pass
+    else:
+        scancel(dep.slurm_job_id)
+
+
 def _cancel_one(dep: Deployment, home: str | None, timeout_s: float) -> DeploymentStatus:
     current = status(dep.id, home)
     if not current.live:
         raise HpcServeError(f"Deployment {dep.id} has already ended ({current.phase}, Slurm: {current.slurm_state}).",
                             "Nothing to cancel; 'hpc-serve list' shows the live ones.")
-    job, job_id = dep.job, dep.slurm_job_id
-    dep.mark_cancel()  # before the signal: the agents then know it is the user's cancel
-    if job.get("executor") == "local":
-        try:
-            os.kill(int(job_id), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
-    else:
-        scancel(job_id)
-    _await_end(dep, job_id, home, timeout_s)
+    stop_job(dep)
+    _await_end(dep, dep.slurm_job_id, home, timeout_s)
     if dep.phase not in TERMINAL:  # cancelled before any node ran, or the agent was killed
         dep.set_phase("STOPPED", "cancelled" if not dep.nodes() else "cancelled; the agent did not record its end")
     return status(dep.id, home)

@@ -17,18 +17,15 @@ import os
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from typing import Any
 
 from ..errors import HpcServeError
-from ..registry import API_KEY, JOB, SPEC, TERMINAL, Deployment, Registry, registry_root
+from ..registry import API_KEY, JOB, ROUTER, SPEC, TERMINAL, Deployment, Registry, registry_root
 from ..planner.spec import DeploymentSpec
 from .members import slot_chain
-
-ROUTER = "router"
 
 
 def is_router(dep: Deployment) -> bool:
@@ -111,9 +108,9 @@ def _add_replica(router: Deployment, spec: DeploymentSpec, index: int, key: str)
 def submit_group(spec: DeploymentSpec, fleet: dict[str, Any]) -> Deployment:
     """Submit ``fleet["replicas"]`` replicas of ``spec`` and their router; return the router's
     entry (READY once the router serves through one replica at least)."""
-    from ..client.control import live_group_named
+    from ..client.control import live_group_named, stop_job
     from ..job.submission import submit_router
-    from ..slurm import release, scancel
+    from ..slurm import release
 
     fleet = {**fleet, "router_cmd": router_command(fleet["router_cmd"])}
     _check(spec, fleet)
@@ -134,28 +131,13 @@ def submit_group(spec: DeploymentSpec, fleet: dict[str, Any]) -> Deployment:
         for index in range(1, fleet["replicas"] + 1):
             added.append(_add_replica(router, spec, index, key))
     except BaseException:
-        for dep in added:
-            scancel(dep.slurm_job_id)
+        for dep in [*added, router]:
+            stop_job(dep)
             dep.set_phase("STOPPED", "cancelled: the group's submission failed")
-        _stop_router(router)
-        router.set_phase("STOPPED", "cancelled: the group's submission failed")
         raise
     if router.job.get("executor") == "slurm":
         release(router.slurm_job_id)
     return router
-
-
-def _stop_router(router: Deployment) -> None:
-    from ..slurm import scancel
-
-    router.mark_cancel()
-    if router.job.get("executor") == "local":
-        try:
-            os.kill(int(router.slurm_job_id), signal.SIGTERM)
-        except (OSError, ValueError):
-            pass
-    else:
-        scancel(router.slurm_job_id)
 
 
 def replicas(router: Deployment) -> list[Deployment]:
@@ -202,16 +184,7 @@ def scale(router: Deployment, count: int) -> tuple[list[str], list[str]]:
 
 def cancel_group(router: Deployment, timeout_s: float = 30.0) -> list[str]:
     """End the router, then every live replica; the ids that were cancelled."""
-    from ..client.control import _await_end, cancel, status
+    from ..client.control import cancel, status
 
-    ended = []
-    if status(router.id, router.root, live=False).live:
-        _stop_router(router)
-        _await_end(router, router.slurm_job_id, router.root, timeout_s)
-        if router.phase not in TERMINAL:
-            router.set_phase("STOPPED", "cancelled (hpc-serve cancel)")
-        ended.append(router.id)
-    for dep in replicas(router):
-        if status(dep.id, router.root, live=False).live:
-            ended.append(cancel(dep.id, router.root, timeout_s).id)
-    return ended
+    return [cancel(dep.id, router.root, timeout_s).id for dep in [router, *replicas(router)]
+            if status(dep.id, router.root, live=False).live]

@@ -26,6 +26,7 @@ import threading
 import time
 
 from ..registry import API_KEY, CANCEL, ENDPOINT, JOB, MEMBERS, TERMINAL, Deployment, Registry
+from ..node.polling import wait_until
 from .front import KeyFront
 from .members import Membership, slot_ended
 from .router import RouterAdmin, router_argv
@@ -264,9 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", required=True)
     args = parser.parse_args(argv)
     dep = Registry(args.root).deployment(f"local-{os.getpid()}")
-    deadline = time.monotonic() + 30
-    while not os.path.exists(dep.file(JOB)) and time.monotonic() < deadline:  # the submitter registers us
-        time.sleep(0.05)
+    wait_until(lambda: os.path.exists(dep.file(JOB)), 30, poll_s=0.05)  # the submitter registers us
     if not dep.job:
         print(f"no registry entry {dep.path}", file=sys.stderr)
         return 2

@@ -70,12 +70,18 @@ def _executor(spec: DeploymentSpec, root: str, hold: bool = False):
         executor.update_parameters(tasks_per_node=spec.layout.nodes, nodes=1,
                                    timeout_min=spec.time_minutes or 60 * 24 * 365)
         return executor
+    return _slurm_executor(spec, root, slurm_request(spec, hold),
+                           "Run on a login node, or use --executor local to serve on this machine.")
+
+
+def _slurm_executor(spec: DeploymentSpec, root: str, request, hint: str):
+    """submitit's SlurmExecutor for ``request``, the job's setup lines from ``spec``."""
+    import submitit
+
     if which("sbatch") is None:
-        raise HpcServeError("sbatch is not on PATH: this machine is not a Slurm login node.",
-                            "Run on a login node, or use --executor local to serve on this machine.")
-    executor = submitit.SlurmExecutor(folder=folder)
-    params = {**slurm_request(spec, hold).submitit_parameters(), "setup": _setup_lines(spec, root)}
-    executor.update_parameters(**params)
+        raise HpcServeError("sbatch is not on PATH: this machine is not a Slurm login node.", hint)
+    executor = submitit.SlurmExecutor(folder=os.path.join(root, "submitit", "%j"))
+    executor.update_parameters(**{**request.submitit_parameters(), "setup": _setup_lines(spec, root)})
     return executor
 
 
@@ -113,17 +119,11 @@ def _submitted(executor, local: bool, task, *args):
 
 def submit_router(spec: DeploymentSpec, partition: str | None, time_minutes: int | None) -> str:
     """Submit a group's router job (hpc_serve.fleet.keeper), held; return its job id."""
-    import submitit
-
     from ..fleet.keeper import run_task as run_router
 
     root = registry_root(spec.home)
-    if which("sbatch") is None:
-        raise HpcServeError("sbatch is not on PATH: the router cannot run as a Slurm job from here.",
-                            "Run on a login node, or keep the router on this machine: --router local.")
-    executor = submitit.SlurmExecutor(folder=os.path.join(root, "submitit", "%j"))
-    params = router_request(spec, partition, time_minutes).submitit_parameters()
-    executor.update_parameters(**{**params, "setup": _setup_lines(spec, root)})
+    executor = _slurm_executor(spec, root, router_request(spec, partition, time_minutes),
+                               "Run on a login node, or keep the router on this machine: --router local.")
     return str(_submitted(executor, False, run_router, root).job_id)
 
 

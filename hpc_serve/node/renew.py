@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from ..registry import API_KEY, JOB, PLAN, SPEC, TERMINAL, Deployment, Registry
-from ..slurm import SlurmError, job_fields, run, sbatch, scancel, time_left
+from ..slurm import SlurmError, job_fields, release, run, sbatch, scancel, time_left
 
 _COPIED_FIELDS = (("Partition", "--partition"), ("Account", "--account"), ("QOS", "--qos"),
                   ("TimeLimit", "--time"), ("JobName", "--job-name"))
@@ -45,7 +45,7 @@ def submit_successor(dep: Deployment, job_id: str, renew_before_min: int) -> str
     try:
         _register(dep, job_id, new_id, renew_before_min)
     finally:
-        run(["scontrol", "release", new_id], timeout_s=60)
+        release(new_id)
     return new_id
 
 

@@ -49,6 +49,21 @@ def members(home: Path, router_id: str) -> dict[str, str]:
     return {entry["id"]: entry["url"] for entry in listed}
 
 
+def routed(home: Path, router_id: str) -> int:
+    """Requests the router has sent in all, from members.json (refreshed every 2 s)."""
+    try:
+        listed = json.loads((home / "deployments" / router_id / "members.json").read_text())["members"]
+    except (OSError, ValueError):
+        return 0
+    return sum(entry.get("requests", 0) for entry in listed)
+
+
+def under_way(home: Path, router_id: str, more: int = 8) -> None:
+    """Until the router has sent ``more`` requests beyond what it had: the load is on."""
+    before = routed(home, router_id)
+    wait_for(lambda: routed(home, router_id) >= before + more, 60, "the load under way")
+
+
 def served_requests(base: str, key: str) -> float:
     """Requests the replica at ``base`` answered, from its own /metrics."""
     request = urllib.request.Request(f"{base}/metrics", headers={"Authorization": f"Bearer {key}"})
@@ -167,7 +182,7 @@ def test_two_replicas_serve_through_one_url_and_keep_serving_through_a_restart_a
 
     # vLLM of the first replica dies under load: it leaves, restarts (--max-restarts 1) and rejoins.
     load = Load("grp", prompts=120, rate=4)
-    time.sleep(5)
+    under_way(home, router)
     killed_on = kill_engine(cluster, first)
     killed_at = time.time()
     wait_for(lambda: first not in members(home, router), 15, "the failed replica out of the router")
@@ -184,7 +199,7 @@ def test_two_replicas_serve_through_one_url_and_keep_serving_through_a_restart_a
 
     # scancel the second under load: only what it had in flight may fail, nothing after it left.
     load = Load("grp", prompts=60, rate=4)
-    time.sleep(5)
+    under_way(home, router)
     subprocess.run(["scancel", second], env=cluster.env, check=True)
     wait_for(lambda: second not in members(home, router), 15, "the cancelled replica out of the router")
     cancelled = load.result()
@@ -262,7 +277,8 @@ def test_a_replica_hands_over_to_its_successor_under_load_without_a_failed_reque
         ended = wait_phase(home, first, ("STOPPED", "TIMEOUT", "FAILED"), 300)
         assert ended["reason"].startswith(f"replaced by its successor {successor}"), ended["reason"]
         wait_for(lambda: set(members(home, router)) == {successor}, 10, "only the successor in the router")
-        time.sleep(5)
+        served_before = clients.done
+        wait_for(lambda: clients.done >= served_before + 10, 60, "the load served by the successor")
     finally:
         clients.stop()
     print(f"hand-over under load: {len(clients.failed)} of {clients.done + len(clients.failed)} failed")
