@@ -26,6 +26,7 @@ import threading
 import time
 
 from ..registry import API_KEY, CANCEL, ENDPOINT, JOB, MEMBERS, TERMINAL, Deployment, Registry
+from ..node.engine import parent_death_hook
 from ..node.polling import wait_until
 from .front import KeyFront
 from .members import Membership, slot_ended
@@ -121,7 +122,7 @@ class Keeper:
         self.log(f"starting: {' '.join(argv)}")
         try:
             router = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=parent_death_hook())  # dies with us
         except OSError as exc:
             return self._end("FAILED", f"cannot start vllm-router ({argv[0]}: {exc.strerror}); install it on "
                                        "the router's host: pip install 'hpc-serve[fleet]', or give --router-cmd")

@@ -52,7 +52,7 @@ class EngineProcess:
         try:
             self.popen = subprocess.Popen(list(self.process.argv), env=env, stdout=log,
                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True, preexec_fn=_parent_death_hook())
+                                          start_new_session=True, preexec_fn=parent_death_hook())
         except OSError as exc:
             raise RuntimeError(f"cannot start {self.process.argv[0]}: {exc.strerror}") from None
         finally:
@@ -83,7 +83,7 @@ class EngineProcess:
         wait_until(lambda: not marked_pids(self.marker), 10)
 
 
-def _parent_death_hook() -> Callable[[], object] | None:
+def parent_death_hook() -> Callable[[], object] | None:
     """A function for the child to run before exec: it gets PARENT_DEATH_SIGNAL when the agent
     (the thread that started it) dies. None where prctl is missing (not Linux): there the next
     agent's sweep ends what a dead agent left. libc is looked up here, not after the fork."""

@@ -389,6 +389,25 @@ def test_the_keeper_routes_to_ready_replicas_only_with_the_key_and_ends_cleanly(
 
 
 @needs_router
+def test_vllm_router_does_not_outlive_a_killed_keeper(keeper):
+    dep, _, _, child = keeper
+    wait(lambda: dep.phase == "READY", 60, f"the group READY; log:\n{log_of(dep)}")
+    (router,) = [int(pid) for pid in subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True,
+                                                     text=True).stdout.split()]
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+    def gone() -> bool:
+        try:
+            with open(f"/proc/{router}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: it has exited
+        except OSError:
+            return True
+
+    wait(gone, 10, f"vllm-router (pid {router}) to end with its keeper")
+
+
+@needs_router
 def test_the_keeper_ends_when_every_replica_has_ended(keeper):
     dep, registry, _, child = keeper
     wait(lambda: dep.phase == "READY", 60, f"the group READY; log:\n{log_of(dep)}")
